@@ -16,6 +16,7 @@ from nanodrz.errors import NanodrzError
 COMMANDS = {
     "prepare": ("nanodrz.prepare", "build the utterance bank from the offline speech sources"),
     "simulate": ("nanodrz.simulate", "write synthetic conversations (audio + RTTM + manifest)"),
+    "evaluate": ("nanodrz.evaluate", "score hypotheses against references: DER and JER"),
 }
 
 
