@@ -1,0 +1,277 @@
+"""The diarization model: an audio front end and a decoder-only transformer that writes turn tokens.
+
+One sequence per example: audio positions (from the front end), then tokens
+(START, prompt triples, PROMPT_END, answer triples, EOS; see `tokenizer.py`).
+
+* Attention is prefix-LM by default: audio positions see all audio (bidirectional, as an encoder
+  would), tokens see all audio and the tokens before them. `attention: causal` makes the audio causal
+  too (the original prototype's choice), for comparison.
+* Positions are rotary (RoPE) on explicit per-item position ids: audio frame i is at i, token j at
+  (number of audio frames of that item) + j. Batches are padded, but every item sees exactly the
+  relative positions it would see alone, and padded slots are masked as keys, so padding never
+  changes a result.
+* Time tokens know where they point (`time_embedding: true`): the embedding of time token k is a
+  learned vector plus P(k * resolution), where P(t) is a learned projection of a sinusoid of t seconds;
+  audio frame i gets P(i / frame_rate) added. A time token and the frames at that time therefore start
+  out similar, and because the output layer is tied to the same table, writing a time is a lookup of
+  frames at that time.
+* Generation uses a KV cache: the prefix (audio + prompt tokens) is run once, then one token per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanodrz.features import FRONT_ENDS
+from nanodrz.tokenizer import Tokenizer
+
+
+@dataclass
+class ModelConfig:
+    """front_end: a name in `features.FRONT_ENDS`; frame_rate: audio positions per second after the stem."""
+
+    front_end: str = "mel"
+    frame_rate: float = 25.0
+    n_mels: int = 80
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    attention: Literal["prefix", "causal"] = "prefix"
+    time_embedding: bool = True
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.front_end not in FRONT_ENDS:
+            raise ValueError(f"unknown front_end {self.front_end!r} (choose from {', '.join(FRONT_ENDS)})")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError("d_model must divide into n_heads heads of even size")
+
+
+def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(...,) -> (..., dim) sin/cos features of `values` at geometrically spaced frequencies."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(0, dim, 2, device=values.device) / dim)
+    angles = values.float()[..., None] * freqs
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate (B, H, L, hd) queries or keys by their (B, L) positions (RoPE, rotate-half layout)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None, :, None] * freqs
+    cos, sin = torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
+                   key_audio: torch.Tensor, prefix: bool) -> torch.Tensor:
+    """(B, 1, Lq, Lk) bool mask, True = may attend.
+
+    Audio positions come before token positions in every item, so "key position <= query position"
+    is the causal rule for everything, and prefix-LM just adds "every valid audio key is visible".
+    When queries and keys are the same slots, each slot also sees itself, so padded slots never have an
+    empty row (an all-masked row would give NaN, and NaN * 0 still poisons the next layer).
+    """
+    allowed = key_pos[:, None, :] <= query_pos[:, :, None]
+    if prefix:
+        allowed = allowed | key_audio[:, None, :]
+    allowed = allowed & key_valid[:, None, :]
+    if query_pos.shape[1] == key_pos.shape[1]:
+        allowed = allowed | torch.eye(query_pos.shape[1], dtype=torch.bool, device=allowed.device)
+    return allowed[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for a growing batch of sequences, with the per-slot metadata
+    (position, validity, audio or token) that the attention mask needs."""
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, capacity: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, n_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.audio = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.length = 0
+        self.table: torch.Tensor | None = None
+
+    def append(self, pos: torch.Tensor, valid: torch.Tensor, audio: torch.Tensor) -> slice:
+        new = slice(self.length, self.length + pos.shape[1])
+        if new.stop > self.pos.shape[1]:
+            raise ValueError("KV cache is full")
+        self.pos[:, new], self.valid[:, new], self.audio[:, new] = pos, valid, audio
+        self.length = new.stop
+        return new
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.rope_base = config.rope_base
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0, slots: slice | None = None) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        if cache is not None:
+            cache.keys[layer][:, :, slots] = k
+            cache.values[layer][:, :, slots] = v
+            k, v = cache.keys[layer][:, :, :slots.stop], cache.values[layer][:, :, :slots.stop]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.d_model)
+        self.attention_norm = nn.RMSNorm(config.d_model)
+        self.attention = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.d_model)
+        self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden, bias=False), nn.GELU(),
+                                 nn.Linear(hidden, config.d_model, bias=False))
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, pos, mask, cache=None, layer=0, slots=None):
+        x = x + self.residual_dropout(self.attention(self.attention_norm(x), pos, mask, cache, layer, slots))
+        return x + self.residual_dropout(self.mlp(self.mlp_norm(x)))
+
+
+class DiarizationModel(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.front_end = FRONT_ENDS[config.front_end](config.d_model, config.frame_rate, config.n_mels)
+        self.token_embedding = nn.Embedding(tokenizer.vocab_size, config.d_model)
+        self.time_projection = nn.Linear(config.d_model, config.d_model, bias=False) if config.time_embedding else None
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model)
+        token_seconds = torch.zeros(tokenizer.vocab_size)
+        is_time = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+        times = torch.arange(tokenizer.num_time_tokens)
+        token_seconds[tokenizer.time_offset + times] = times * tokenizer.resolution
+        is_time[tokenizer.time_offset + times] = True
+        self.register_buffer("token_seconds", token_seconds, persistent=False)
+        self.register_buffer("token_is_time", is_time, persistent=False)
+        self.apply(self._init_weights)
+        for name, parameter in self.named_parameters():
+            if name.endswith(("attention.out.weight", "mlp.2.weight")):
+                nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- embeddings ----------------------------------------------------------------------------
+    def time_vectors(self, seconds: torch.Tensor) -> torch.Tensor:
+        """P(t): where in the audio a position or a time token refers to, in model space."""
+        return self.time_projection(sinusoid(seconds / self.tokenizer.resolution, self.config.d_model))
+
+    def token_table(self) -> torch.Tensor:
+        """(vocab, d) input embeddings, also the (tied) output layer."""
+        table = self.token_embedding.weight
+        if self.time_projection is not None:
+            table = table + self.time_vectors(self.token_seconds) * self.token_is_time[:, None]
+        return table
+
+    def embed_audio(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, frames = self.front_end(audio, audio_lengths)
+        if self.time_projection is not None:
+            seconds = torch.arange(x.shape[1], device=x.device) / self.config.frame_rate
+            x = x + self.time_vectors(seconds)
+        return x, frames
+
+    # --- full sequences (training, scoring) ----------------------------------------------------
+    def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
+                token_lengths: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, vocab) at every token position; logits[:, j] predict tokens[:, j + 1]."""
+        table = self.token_table()
+        audio_x, frames = self.embed_audio(audio, audio_lengths)
+        hidden = self.hidden(audio_x, frames, tokens, token_lengths, table)
+        return hidden[:, -tokens.shape[1]:] @ table.T
+
+    def hidden(self, audio_x: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor,
+               token_lengths: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T + N, d) of embedded audio (B, T, d) with `frames` real frames per
+        item, followed by `tokens` (B, N) of which `token_lengths` are real."""
+        batch, num_frames, _ = audio_x.shape
+        x = torch.cat([audio_x, F.embedding(tokens, table)], dim=1)
+        frame_index = torch.arange(num_frames, device=x.device).expand(batch, -1)
+        token_index = torch.arange(tokens.shape[1], device=x.device).expand(batch, -1)
+        pos = torch.cat([frame_index, frames[:, None] + token_index], dim=1)
+        valid = torch.cat([frame_index < frames[:, None], token_index < token_lengths[:, None]], dim=1)
+        is_audio = torch.cat([torch.ones_like(frame_index, dtype=torch.bool),
+                              torch.zeros_like(token_index, dtype=torch.bool)], dim=1)
+        mask = attention_mask(pos, pos, valid, is_audio, self.config.attention == "prefix")
+        slots = cache.append(pos, valid, is_audio) if cache is not None else None
+        for layer, block in enumerate(self.blocks):
+            x = block(x, pos, mask, cache, layer, slots)
+        return self.norm(x)
+
+    # --- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
+                token_lengths: torch.Tensor, max_new_tokens: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """Run audio + given tokens once into a fresh cache.
+
+        Returns the cache, the logits (B, vocab) after each item's last given token, and the position
+        (B,) the next token of each item will take.
+        """
+        table = self.token_table()
+        frames = self.front_end.num_frames(audio_lengths)
+        capacity = int(frames.max()) + tokens.shape[1] + max_new_tokens
+        head_dim = self.config.d_model // self.config.n_heads
+        cache = KVCache(self.config.n_layers, audio.shape[0], self.config.n_heads, head_dim, capacity,
+                        audio.device, table.dtype)
+        cache.table = table
+        audio_x, frames = self.embed_audio(audio, audio_lengths)
+        hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, cache)
+        last = hidden[torch.arange(audio.shape[0]), audio_x.shape[1] + token_lengths - 1]
+        return cache, last @ table.T, frames + token_lengths
+
+    @torch.no_grad()
+    def step(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Feed one token per item (B,) at positions (B,); returns the next logits (B, vocab)."""
+        x = F.embedding(tokens[:, None], cache.table)
+        pos = pos[:, None]
+        valid = torch.ones_like(pos, dtype=torch.bool)
+        slots = cache.append(pos, valid, torch.zeros_like(valid))
+        mask = attention_mask(pos, cache.pos[:, :slots.stop], cache.valid[:, :slots.stop],
+                              cache.audio[:, :slots.stop], self.config.attention == "prefix")
+        for layer, block in enumerate(self.blocks):
+            x = block(x, pos, mask, cache, layer, slots)
+        return self.norm(x)[:, 0] @ cache.table.T
+
+
+def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1].
+
+    `weights` (B, N) belong to the predicted tokens: 0 for everything the model is only given
+    (START, prompt triples, PROMPT_END, padding, times of noise turns).
+    """
+    target_weights = weights[:, 1:].float()
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+    return (losses * target_weights).sum() / target_weights.sum().clamp(min=1e-8)

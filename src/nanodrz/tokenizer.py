@@ -1,0 +1,186 @@
+"""Vocabulary and the mapping between speech turns and token sequences.
+
+The model reads audio, then writes
+
+    START  [prompt triples]  PROMPT_END  [answer triples]  EOS
+
+where a triple is (start time, end time, speaker letter). The vocabulary is laid out as
+
+    PAD EOS START PROMPT_END [NOISE] time_0 ... time_N  A B C ...
+
+Time token k means k * time_resolution seconds, for k = 0 .. N with N = max_seconds / time_resolution,
+so both 0 s and exactly `max_seconds` have a token of their own and the time range can never run
+into the speaker range (the original prototype's last time bin collided with speaker A).
+
+Speakers are lettered by first appearance: prompt speakers take A, B, ... in prompt order, speakers
+first heard in the chunk continue after them in order of their first turn. Letters are therefore a
+pure function of the audio, which is what lets a decoder write them without knowing identities.
+
+Triples are ordered by (start, end) of their quantised times, ties broken by letter, so the order the
+model must produce is exactly the order the grammar in `decoding.py` enforces.
+
+NOISE (optional) labels the fake turns of Pix2Seq sequence augmentation: the model learns to label
+junk rather than avoid writing it, and turns it labels NOISE are dropped when decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from nanodrz.annotation import Turn
+from nanodrz.errors import NanodrzError
+
+TOKENIZER_VERSION = 1
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass
+class TokenizerConfig:
+    """time_resolution: seconds per time bin; max_seconds: longest input (prompt clips + chunk);
+    num_speakers: speaker letters available; noise_token: reserve a NOISE label for sequence augmentation."""
+
+    time_resolution: float = 0.02
+    max_seconds: float = 30.0
+    num_speakers: int = 8
+    noise_token: bool = True
+
+    def __post_init__(self):
+        if self.time_resolution <= 0 or self.max_seconds <= 0:
+            raise ValueError("time_resolution and max_seconds must be positive")
+        bins = self.max_seconds / self.time_resolution
+        if abs(bins - round(bins)) > 1e-6:
+            raise ValueError("max_seconds must be a whole number of time_resolution bins")
+        if not 1 <= self.num_speakers <= len(LETTERS):
+            raise ValueError(f"num_speakers must be between 1 and {len(LETTERS)}")
+
+
+@dataclass
+class Encoded:
+    """A token sequence with per-token loss weights (0 for tokens the model is only given)."""
+
+    tokens: list[int]
+    weights: list[float]
+    letters: dict[str, str]
+
+
+class Tokenizer:
+    PAD = 0
+    EOS = 1
+    START = 2
+    PROMPT_END = 3
+
+    def __init__(self, config: TokenizerConfig | None = None):
+        self.config = config or TokenizerConfig()
+        self.resolution = self.config.time_resolution
+        self.noise = 4 if self.config.noise_token else None
+        self.time_offset = 5 if self.config.noise_token else 4
+        self.num_time_tokens = int(round(self.config.max_seconds / self.resolution)) + 1
+        self.speaker_offset = self.time_offset + self.num_time_tokens
+        self.num_speakers = self.config.num_speakers
+        self.vocab_size = self.speaker_offset + self.num_speakers
+
+    # --- token classes -------------------------------------------------------------------------
+    def time_token(self, seconds: float) -> int:
+        """Nearest time bin, clipped to [0, max_seconds]."""
+        index = int(math.floor(seconds / self.resolution + 0.5))
+        return self.time_offset + min(max(index, 0), self.num_time_tokens - 1)
+
+    def time_of(self, token: int) -> float:
+        return (token - self.time_offset) * self.resolution
+
+    def is_time(self, token: int) -> bool:
+        return self.time_offset <= token < self.speaker_offset
+
+    def speaker_token(self, letter: str) -> int:
+        index = LETTERS.index(letter)
+        if index >= self.num_speakers:
+            raise NanodrzError(f"speaker letter {letter} exceeds the {self.num_speakers} speakers of the tokenizer")
+        return self.speaker_offset + index
+
+    def letter_of(self, token: int) -> str:
+        return LETTERS[token - self.speaker_offset]
+
+    def is_speaker(self, token: int) -> bool:
+        return self.speaker_offset <= token < self.vocab_size
+
+    # --- encoding ------------------------------------------------------------------------------
+    def encode(self, prompt: Sequence[Turn], turns: Sequence[Turn], noise: Sequence[tuple[float, float]] = (),
+               eos_weight: float = 1.0) -> Encoded:
+        """Tokens for prompt turns (given, no loss) and answer turns (trained), then EOS.
+
+        Speaker names are arbitrary strings (bank ids); the returned `letters` maps them to letters.
+        `noise` are fake (start, end) spans labelled NOISE: their times get weight 0 and their label
+        weight 1, as in Pix2Seq, so the model learns to recognise junk rather than to write it.
+        """
+        prompt_triples = self._quantise(prompt)
+        answer_triples = self._quantise(turns)
+        order = list(dict.fromkeys(speaker for _, _, speaker in prompt_triples + answer_triples))
+        if len(order) > self.num_speakers:
+            raise NanodrzError(f"{len(order)} speakers in one example, but the tokenizer has {self.num_speakers}")
+        letters = {speaker: LETTERS[i] for i, speaker in enumerate(order)}
+        tokens = [self.START]
+        for start, end, speaker in sorted(prompt_triples, key=lambda t: (t[0], t[1], letters[t[2]])):
+            tokens += [start, end, self.speaker_token(letters[speaker])]
+        tokens.append(self.PROMPT_END)
+        weights = [0.0] * len(tokens)
+        answer = [(s, e, self.speaker_token(letters[spk]), 1.0) for s, e, spk in answer_triples]
+        if noise:
+            if self.noise is None:
+                raise ValueError("noise turns need a tokenizer with noise_token: true")
+            answer += [(s, e, self.noise, 0.0) for s, e, _ in self._quantise([Turn(a, b, "") for a, b in noise])]
+        for start, end, label, time_weight in sorted(answer, key=lambda t: t[:3]):
+            tokens += [start, end, label]
+            weights += [time_weight, time_weight, 1.0]
+        tokens.append(self.EOS)
+        weights.append(eos_weight)
+        return Encoded(tokens, weights, letters)
+
+    def _quantise(self, turns: Sequence[Turn]) -> list[tuple[int, int, str]]:
+        """(start token, end token, speaker); turns shorter than one bin after rounding are dropped."""
+        triples = []
+        for turn in turns:
+            start, end = self.time_token(turn.start), self.time_token(turn.end)
+            if end > start:
+                triples.append((start, end, turn.speaker))
+        # First appearance is decided on quantised times, the order the model sees.
+        return sorted(triples, key=lambda t: (t[0], t[1], t[2]))
+
+    # --- decoding ------------------------------------------------------------------------------
+    def decode(self, tokens: Sequence[int]) -> list[Turn]:
+        """Turns (speaker = letter) from the answer part of a token sequence.
+
+        Accepts a full sequence (everything up to PROMPT_END is skipped) or just generated tokens;
+        stops at EOS; drops NOISE-labelled triples and malformed ones (end before start, wrong slot).
+        """
+        tokens = list(tokens)
+        if self.PROMPT_END in tokens:
+            tokens = tokens[tokens.index(self.PROMPT_END) + 1:]
+        if self.EOS in tokens:
+            tokens = tokens[:tokens.index(self.EOS)]
+        turns = []
+        for i in range(0, len(tokens) - 2, 3):
+            start, end, label = tokens[i:i + 3]
+            if not (self.is_time(start) and self.is_time(end) and end > start):
+                continue
+            if self.is_speaker(label):
+                turns.append(Turn(round(self.time_of(start), 6), round(self.time_of(end), 6), self.letter_of(label)))
+        return turns
+
+    # --- checkpoint compatibility --------------------------------------------------------------
+    def spec(self) -> dict:
+        """Everything that fixes the meaning of token ids; stored in checkpoints and compared on load."""
+        return {"version": TOKENIZER_VERSION, **asdict(self.config), "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Tokenizer":
+        if spec.get("version") != TOKENIZER_VERSION:
+            raise NanodrzError(
+                f"checkpoint tokenizer version {spec.get('version')!r} is not {TOKENIZER_VERSION}; "
+                "this checkpoint was made by another nanodrz version")
+        fields = {k: spec[k] for k in ("time_resolution", "max_seconds", "num_speakers", "noise_token") if k in spec}
+        tokenizer = cls(TokenizerConfig(**fields))
+        if tokenizer.spec() != spec:
+            raise NanodrzError("checkpoint tokenizer spec does not match this nanodrz version's vocabulary")
+        return tokenizer

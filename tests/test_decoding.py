@@ -1,0 +1,174 @@
+import numpy as np
+import pytest
+import torch
+
+from nanodrz.annotation import Turn
+from nanodrz.decoding import (DecodingOptions, GrammarState, LengthFilter, SlotFilter, SpeakerFilter,
+                              TimeOrderFilter, TimeRangeFilter, decode)
+from nanodrz.errors import NanodrzError
+from nanodrz.model import DiarizationModel, ModelConfig
+from nanodrz.tokenizer import Tokenizer, TokenizerConfig
+
+SR = 16000
+
+
+@pytest.fixture
+def tok() -> Tokenizer:
+    return Tokenizer(TokenizerConfig(time_resolution=0.5, max_seconds=5.0, num_speakers=3))
+
+
+def state_for(tok: Tokenizer, batch: int = 1, letters: int = 0, max_speakers: int = 3, max_triples: int = 10,
+              min_seconds: float = 0.0, max_seconds: float = 5.0) -> GrammarState:
+    return GrammarState(tok, torch.full((batch,), tok.time_token(min_seconds)),
+                        torch.full((batch,), tok.time_token(max_seconds)), torch.full((batch,), letters),
+                        max_speakers, max_triples)
+
+
+def allowed(logits: torch.Tensor, row: int = 0) -> list[int]:
+    return torch.isfinite(logits[row]).nonzero().flatten().tolist()
+
+
+def times(tok: Tokenizer, *seconds: float) -> list[int]:
+    return [tok.time_token(s) for s in seconds]
+
+
+def test_slot_filter(tok):
+    state = state_for(tok)
+    logits = torch.zeros(1, tok.vocab_size)
+    SlotFilter().apply(logits, state)
+    assert allowed(logits) == [tok.EOS] + list(range(tok.time_offset, tok.speaker_offset))
+    state.slot = 1
+    logits = torch.zeros(1, tok.vocab_size)
+    SlotFilter().apply(logits, state)
+    assert allowed(logits) == list(range(tok.time_offset, tok.speaker_offset))
+    state.slot = 2
+    logits = torch.zeros(1, tok.vocab_size)
+    SlotFilter().apply(logits, state)
+    assert allowed(logits) == [tok.noise] + list(range(tok.speaker_offset, tok.vocab_size))
+
+
+def test_finished_items_only_get_eos(tok):
+    state = state_for(tok, batch=2)
+    state.finished[1] = True
+    logits = torch.zeros(2, tok.vocab_size)
+    SlotFilter().apply(logits, state)
+    assert allowed(logits, 1) == [tok.EOS] and len(allowed(logits, 0)) > 1
+
+
+def test_time_order_filter(tok):
+    state = state_for(tok)
+    state.last_start[:] = tok.time_token(2.0)
+    logits = torch.zeros(1, tok.vocab_size)
+    TimeOrderFilter().apply(logits, state)
+    assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+    state.slot, state.current_start[:] = 1, tok.time_token(3.0)
+    logits = torch.zeros(1, tok.vocab_size)
+    TimeOrderFilter().apply(logits, state)
+    assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 3.5, 4.0, 4.5, 5.0)
+
+
+def test_time_range_filter(tok):
+    state = state_for(tok, min_seconds=1.0, max_seconds=3.0)
+    logits = torch.zeros(1, tok.vocab_size)
+    TimeRangeFilter().apply(logits, state)
+    assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 1.0, 1.5, 2.0, 2.5)
+    state.slot = 1
+    logits = torch.zeros(1, tok.vocab_size)
+    TimeRangeFilter().apply(logits, state)
+    assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+
+
+def test_speaker_filter(tok):
+    state = state_for(tok, batch=3, max_speakers=2)
+    state.slot = 2
+    state.letters_used = torch.tensor([0, 1, 2])
+    logits = torch.zeros(3, tok.vocab_size)
+    SpeakerFilter().apply(logits, state)
+    speakers = [[t for t in allowed(logits, row) if tok.is_speaker(t)] for row in range(3)]
+    a, b = tok.speaker_token("A"), tok.speaker_token("B")
+    assert speakers == [[a], [a, b], [a, b]]
+
+
+def test_length_filter(tok):
+    state = state_for(tok, max_triples=2)
+    state.triples = 2
+    logits = torch.zeros(1, tok.vocab_size)
+    LengthFilter().apply(logits, state)
+    assert allowed(logits) == [tok.EOS]
+
+
+def test_grammar_state_tracks_triples(tok):
+    state = state_for(tok, letters=1)
+    for token in [tok.time_token(1.0), tok.time_token(2.0), tok.speaker_token("B")]:
+        state.update(torch.tensor([token]))
+    assert state.slot == 0 and state.triples == 1
+    assert int(state.letters_used) == 2 and int(state.last_start) == tok.time_token(1.0)
+    state.update(torch.tensor([tok.EOS]))
+    assert bool(state.finished[0])
+
+
+def small_model(seed: int = 0) -> DiarizationModel:
+    torch.manual_seed(seed)
+    tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.1, max_seconds=6.0, num_speakers=3))
+    model = DiarizationModel(ModelConfig(d_model=32, n_layers=2, n_heads=2, n_mels=40), tokenizer)
+    # Make the untrained model eager to write turns and new speakers, so the grammar is exercised.
+    with torch.no_grad():
+        model.token_embedding.weight[tokenizer.EOS] *= 0
+        model.token_embedding.weight[tokenizer.noise] *= 0
+    return model
+
+
+def check_well_formed(result, tok, min_time, duration, max_speakers, prompt_letters=0):
+    tokens = result.tokens
+    assert len(tokens) % 3 == 0
+    starts = [tok.time_of(t) for t in tokens[0::3]]
+    ends = [tok.time_of(t) for t in tokens[1::3]]
+    assert starts == sorted(starts)
+    assert all(e > s for s, e in zip(starts, ends))
+    assert all(s >= min_time - 1e-9 and e <= duration + tok.resolution / 2 for s, e in zip(starts, ends))
+    seen = [chr(ord("A") + i) for i in range(prompt_letters)]
+    for label in tokens[2::3]:
+        if label == tok.noise:
+            continue
+        letter = tok.letter_of(label)
+        if letter not in seen:
+            assert ord(letter) - ord("A") == len(seen), "a new letter must be the next one"
+            seen.append(letter)
+    assert len(seen) <= max_speakers
+
+
+def test_decode_is_grammatical_with_and_without_prompts():
+    model = small_model()
+    tok = model.tokenizer
+    rng = np.random.default_rng(0)
+    audio = [0.1 * rng.standard_normal(int(s * SR)).astype(np.float32) for s in (4.0, 2.5, 5.5)]
+    prompts = [[], [Turn(0.0, 0.8, "x")], [Turn(0.0, 1.0, "p"), Turn(1.2, 2.0, "q")]]
+    options = DecodingOptions(max_triples=8, keep_noise=True)
+    results = decode(model, audio, prompts, options)
+    assert results[2].letters == {"p": "A", "q": "B"}
+    for result, a, prompt in zip(results, audio, prompts):
+        assert len(result.tokens) <= 3 * 8
+        check_well_formed(result, tok, max((t.end for t in prompt), default=0.0), len(a) / SR, 3, len(prompt))
+        assert len(result.scores) == len(result.turns) and all(0 < s <= 1 for s in result.scores)
+    assert sum(len(r.turns) for r in results) > 0
+    capped = decode(model, audio, prompts, DecodingOptions(max_triples=8, max_speakers=1, keep_noise=True))
+    for result, a, prompt in zip(capped, audio, prompts):
+        check_well_formed(result, tok, max((t.end for t in prompt), default=0.0), len(a) / SR, max(1, len(prompt)),
+                          len(prompt))
+
+
+def test_batched_decode_equals_one_by_one():
+    model = small_model(1)
+    rng = np.random.default_rng(1)
+    audio = [0.1 * rng.standard_normal(int(s * SR)).astype(np.float32) for s in (3.0, 5.0)]
+    prompts = [[Turn(0.0, 1.0, "a")], []]
+    batched = decode(model, audio, prompts, DecodingOptions(max_triples=5))
+    for i in range(2):
+        alone = decode(model, audio[i:i + 1], prompts[i:i + 1], DecodingOptions(max_triples=5))[0]
+        assert alone.tokens == batched[i].tokens
+
+
+def test_decode_rejects_audio_longer_than_the_model():
+    model = small_model()
+    with pytest.raises(NanodrzError, match="longer than"):
+        decode(model, [np.zeros(7 * SR, dtype=np.float32)])

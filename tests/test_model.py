@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from nanodrz.features import MelFrontEnd, mel_filterbank
+from nanodrz.model import DiarizationModel, ModelConfig, attention_mask, sequence_loss
+from nanodrz.tokenizer import Tokenizer, TokenizerConfig
+
+SR = 16000
+
+
+def make_model(attention: str = "prefix", time_embedding: bool = True) -> DiarizationModel:
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
+    config = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_mels=40, attention=attention,
+                         time_embedding=time_embedding)
+    return DiarizationModel(config, tokenizer).eval()
+
+
+def random_batch(generator: torch.Generator, model: DiarizationModel):
+    audio = 0.1 * torch.randn(2, 3 * SR, generator=generator)
+    audio_lengths = torch.tensor([3 * SR, 2 * SR + 123])
+    tokens = torch.randint(model.tokenizer.time_offset, model.tokenizer.vocab_size, (2, 9), generator=generator)
+    tokens[:, 0] = model.tokenizer.START
+    return audio, audio_lengths, tokens, torch.tensor([9, 6])
+
+
+def test_mel_filters_are_all_non_empty_and_frames_are_counted():
+    assert bool((mel_filterbank(512, 80).sum(0) > 0).all())
+    front_end = MelFrontEnd(16, frame_rate=25.0, n_mels=40)
+    lengths = torch.tensor([SR, SR + 1, 400, 1])
+    features, frames = front_end(torch.randn(4, SR + 1), lengths)
+    assert frames.tolist() == front_end.num_frames(lengths).tolist() == [26, 26, 1, 1]
+    assert features.shape[1] == 26
+    with pytest.raises(ValueError, match="frame_rate"):
+        MelFrontEnd(16, frame_rate=30.0)
+
+
+def test_attention_mask_rules():
+    # Two real audio frames and one padded frame, then three tokens (the last one padding).
+    pos = torch.tensor([[0, 1, 2, 2, 3, 4]])
+    valid = torch.tensor([[True, True, False, True, True, False]])
+    audio = torch.tensor([[True, True, True, False, False, False]])
+    prefix = attention_mask(pos, pos, valid, audio, prefix=True)[0, 0]
+    causal = attention_mask(pos, pos, valid, audio, prefix=False)[0, 0]
+    assert prefix[0].tolist() == [True, True, False, False, False, False]  # audio sees later audio
+    assert causal[0].tolist() == [True, False, False, False, False, False]
+    assert prefix[3].tolist() == [True, True, False, True, False, False]  # tokens: audio + earlier tokens
+    assert prefix[4].tolist() == causal[4].tolist() == [True, True, False, True, True, False]
+    for mask in (prefix, causal):
+        assert bool(mask.any(dim=1).all())  # no empty row, padded slots included
+        for padded in (2, 5):  # padded keys are seen by nobody but themselves
+            assert mask[:, padded].nonzero().flatten().tolist() == [padded]
+
+
+def test_future_tokens_do_not_change_earlier_logits():
+    model = make_model()
+    audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(1), model)
+    changed = tokens.clone()
+    changed[:, 5:] = model.tokenizer.EOS
+    with torch.no_grad():
+        a = model(audio, audio_lengths, tokens, token_lengths)
+        b = model(audio, audio_lengths, changed, token_lengths)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[0, 5:], b[0, 5:])
+
+
+@pytest.mark.parametrize("attention", ["prefix", "causal"])
+def test_late_audio_reaches_early_audio_only_in_prefix_mode(attention):
+    model = make_model(attention)
+    audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(2), model)
+    with torch.no_grad():
+        table = model.token_table()
+        audio_x, frames = model.embed_audio(audio, audio_lengths)
+        changed = audio_x.clone()
+        changed[:, 40:] += 1.0
+        a = model.hidden(audio_x, frames, tokens, token_lengths, table)
+        b = model.hidden(changed, frames, tokens, token_lengths, table)
+    early_changed = not torch.allclose(a[:, :40], b[:, :40])
+    assert early_changed == (attention == "prefix")
+    assert not torch.allclose(a[:, -9:], b[:, -9:])  # tokens always see all audio
+
+
+@pytest.mark.parametrize("attention", ["prefix", "causal"])
+def test_padding_does_not_change_results(attention):
+    model = make_model(attention)
+    audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(3), model)
+    with torch.no_grad():
+        batched = model(audio, audio_lengths, tokens, token_lengths)
+        for i in range(2):
+            n, m = int(audio_lengths[i]), int(token_lengths[i])
+            alone = model(audio[i:i + 1, :n], audio_lengths[i:i + 1], tokens[i:i + 1, :m], token_lengths[i:i + 1])
+            torch.testing.assert_close(batched[i, :m], alone[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("time_embedding", [True, False])
+def test_kv_cache_generation_equals_full_recomputation(time_embedding):
+    model = make_model(time_embedding=time_embedding)
+    audio, audio_lengths, tokens, _ = random_batch(torch.Generator().manual_seed(4), model)
+    prompt_lengths = torch.tensor([3, 1])
+    cache, logits, pos = model.prefill(audio, audio_lengths, tokens[:, :3], prompt_lengths, max_new_tokens=6)
+    sequences = [tokens[i, :int(prompt_lengths[i])].tolist() for i in range(2)]
+    step_logits = []
+    for _ in range(6):
+        chosen = logits.argmax(-1)
+        step_logits.append(logits)
+        for i in range(2):
+            sequences[i].append(int(chosen[i]))
+        logits = model.step(cache, chosen, pos)
+        pos = pos + 1
+    with torch.no_grad():
+        for i in range(2):
+            full = model(audio[i:i + 1, :int(audio_lengths[i])], audio_lengths[i:i + 1],
+                         torch.tensor([sequences[i]]), torch.tensor([len(sequences[i])]))[0]
+            start = int(prompt_lengths[i]) - 1
+            for k in range(6):
+                torch.testing.assert_close(step_logits[k][i], full[start + k], atol=1e-4, rtol=1e-4)
+
+
+def test_sequence_loss_counts_weighted_targets_only():
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, 2] = 10.0  # confident and right about token 1
+    tokens = torch.tensor([[0, 2, 3, 4]])
+    only_first = sequence_loss(logits, tokens, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    assert float(only_first) < 1e-3
+    all_targets = sequence_loss(logits, tokens, torch.tensor([[0.0, 1.0, 1.0, 1.0]]))
+    assert float(all_targets) == pytest.approx((2 * torch.log(torch.tensor(5.0))).item() / 3, rel=1e-4)
