@@ -163,6 +163,26 @@ def test_reverb_keeps_the_direct_path_at_time_zero(train_bank: Bank) -> None:
             assert np.sqrt(np.mean(track**2)) > 10 ** (-45 / 20)
 
 
+def test_reverb_convolution_and_noise_buffers() -> None:
+    rng = np.random.default_rng(0)
+    for taps, length in [(1, 5), (1300, 40000), (8000, 100), (8000, 70000)]:
+        rir = rng.standard_normal(taps).astype(np.float32)
+        audio = rng.standard_normal(length).astype(np.float32)
+        wet = acoustics.Reverb(rir).apply(audio)
+        expected = np.convolve(audio.astype(np.float64), rir)
+        assert wet.dtype == np.float32 and wet.shape == expected.shape
+        np.testing.assert_allclose(wet, expected, atol=1e-3 * np.max(np.abs(expected)))
+    buffer = np.arange(10, dtype=np.float32)
+    np.testing.assert_array_equal(acoustics.loop_slice(buffer, 7, 25), np.arange(7, 32) % 10)
+    np.testing.assert_array_equal(acoustics.loop_slice(buffer, 12, 3), [2, 3, 4])
+    for colour in acoustics.COLOURED_NOISES:
+        noise = acoustics.coloured_noise(colour)
+        assert noise.dtype == np.float32 and np.mean(noise**2) == pytest.approx(1.0, rel=1e-3)
+    spectra = {c: np.abs(np.fft.rfft(acoustics.coloured_noise(c)[:SR])) ** 2 for c in acoustics.COLOURED_NOISES}
+    low = {c: spectrum[50:500].sum() / spectrum[4000:7000].sum() for c, spectrum in spectra.items()}
+    assert low["white"] < low["pink"] < low["brown"]
+
+
 def test_telephone_line_removes_the_high_band(train_bank: Bank) -> None:
     config = load_preset("phone", SHORT + ["noise.probability=0"])
     codecs = set()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
 import soundfile as sf
 import soxr
-from scipy.signal import butter, oaconvolve, sosfilt
+from scipy.signal import butter, sosfilt
 from tqdm import tqdm
 
 from nanodrz.audio import SAMPLE_RATE
@@ -110,11 +111,40 @@ def loop_slice(buffer: np.ndarray, offset: int, length: int) -> np.ndarray:
     offset %= buffer.size
     if offset + length <= buffer.size:
         return buffer[offset:offset + length]
-    return np.resize(np.roll(buffer, -offset), length)
+    whole, rest = divmod(length - (buffer.size - offset), buffer.size)
+    return np.concatenate([buffer[offset:], *([buffer] * whole), buffer[:rest]])
 
 
 # --------------------------------------------------------------------------------------------------
 # Rooms
+
+
+class Reverb:
+    """Convolution with one RIR by overlap-add, its spectrum computed once.
+
+    Blocks of a fixed FFT size (the power of two at or above twice the RIR) keep the transforms
+    small and let the RIR's spectrum be reused for every slice of speech; this is about twice as
+    fast as `scipy.signal.oaconvolve`, which transforms the RIR again on each call.
+    """
+
+    def __init__(self, taps: np.ndarray):
+        self.taps = taps
+        self.nfft = max(4096, 1 << int(np.ceil(np.log2(2 * taps.size))))
+        self.spectrum = scipy.fft.rfft(taps, self.nfft)
+
+    def apply(self, audio: np.ndarray) -> np.ndarray:
+        """float32 `audio` convolved with the RIR (longer by the RIR's tail)."""
+        step = self.nfft - self.taps.size + 1
+        blocks = -(-audio.size // step)
+        padded = np.zeros(blocks * step, dtype=np.float32)
+        padded[: audio.size] = audio
+        spectra = scipy.fft.rfft(padded.reshape(blocks, step), self.nfft, axis=1)
+        spectra *= self.spectrum
+        wet = scipy.fft.irfft(spectra, self.nfft, axis=1)
+        out = np.zeros((blocks + 1) * step, dtype=np.float32)
+        out[: blocks * step] += wet[:, :step].ravel()
+        out[step:].reshape(blocks, step)[:, : self.taps.size - 1] += wet[:, step:]
+        return out[: audio.size + self.taps.size - 1]
 
 
 @dataclass(frozen=True)
@@ -125,6 +155,7 @@ class RirBank:
     lengths: np.ndarray  # (rooms, sources) int
     rt60: np.ndarray  # (rooms,) reverberation time measured on the stored RIRs (T20, extrapolated)
     design_rt60: np.ndarray  # (rooms,) the RT60 the room's absorption was chosen for (Sabine)
+    _reverbs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_rooms(self) -> int:
@@ -132,6 +163,13 @@ class RirBank:
 
     def rir(self, room: int, source: int) -> np.ndarray:
         return self.rirs[room, source, : self.lengths[room, source]]
+
+    def reverb(self, room: int, source: int) -> Reverb:
+        """The convolver of one RIR, made on first use and kept."""
+        key = (room, source)
+        if key not in self._reverbs:
+            self._reverbs[key] = Reverb(self.rir(room, source))
+        return self._reverbs[key]
 
     def rooms_within(self, low: float, high: float) -> np.ndarray:
         """Rooms whose RT60 lies in [low, high]; the closest room when none does."""
@@ -216,11 +254,6 @@ def _trim_rir(rir: np.ndarray, direct: int) -> np.ndarray:
     end = int(np.searchsorted(-energy_left, -energy_left[0] * 10 ** (-RIR_TAIL_DB / 10)))
     rir = rir[: max(end, 1)]
     return (rir / np.sqrt(np.sum(rir**2))).astype(np.float32)
-
-
-def reverberate(audio: np.ndarray, rir: np.ndarray) -> np.ndarray:
-    """Convolve (overlap-add FFT, float32); the result is longer than `audio` by the RIR tail."""
-    return oaconvolve(audio, rir).astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------

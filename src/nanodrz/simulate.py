@@ -269,14 +269,14 @@ def simulate_conversation(bank: Bank, config: SimulationConfig, rng: np.random.G
     num_speakers = int(layout_rng.integers(low, high + 1))
     duration_seconds = float(layout_rng.uniform(*as_range(config.duration)))
     speakers = _choose_speakers(bank, num_speakers, layout_rng)
-    pieces = _plan(bank, speakers, duration_seconds, config.turns, layout_rng)
+    pieces = _Planner(bank, speakers, duration_seconds, config.turns, layout_rng).plan()
     length = int(round(duration_seconds * SAMPLE_RATE))
     labels = [bank.speakers[s].speaker for s in speakers]
 
     level = float(level_rng.uniform(*config.level_dbfs))
     spread = float(level_rng.uniform(*config.loudness_gap_db))
     offsets = level_rng.uniform(-spread / 2, spread / 2, size=num_speakers)
-    rirs, reverb_meta = _choose_room(config.reverb, num_speakers, room_rng)
+    reverbs, reverb_meta = _choose_room(config.reverb, num_speakers, room_rng)
 
     mix = np.zeros(length, dtype=np.float32)
     tracks = np.zeros((num_speakers, length), dtype=np.float32) if return_sources else None
@@ -285,8 +285,9 @@ def simulate_conversation(bank: Bank, config: SimulationConfig, rng: np.random.G
     jitter = config.utterance_level_jitter_db
     for piece in pieces:
         gain_db = level + offsets[piece.speaker] + level_rng.uniform(-jitter, jitter)
-        rir = None if rirs is None else rirs[piece.speaker]
-        placed = _render_piece(bank, speakers[piece.speaker], piece, gain_db, rir, mix, tracks, labels[piece.speaker])
+        reverb = None if reverbs is None else reverbs[piece.speaker]
+        placed = _render_piece(bank, speakers[piece.speaker], piece, gain_db, reverb, mix, tracks,
+                               labels[piece.speaker])
         turns.extend(placed)
         if placed:
             kinds.append(piece.kind)
@@ -351,86 +352,103 @@ def _choose_speakers(bank: Bank, count: int, rng: np.random.Generator) -> list[i
     return chosen
 
 
-def _plan(bank: Bank, speakers: list[int], duration: float, turns: TurnTakingConfig,
-          rng: np.random.Generator) -> list[_Piece]:
-    """Who says which slice when, until the conversation is full.
+class _Planner:
+    """Lays out one conversation: which utterance slice each speaker says, and when.
 
     Every speaker's first turn comes within the first `len(speakers)` turns and is short enough to
-    fit, so the requested speaker count always shows up in the reference.
+    fit, so the requested speaker count always shows up in the reference. The "frontier" is the
+    latest end of any turn so far; the next turn starts a pause or gap after it, or an overlap
+    before it (an interruption).
     """
-    count = len(speakers)
-    weights = rng.dirichlet(np.full(count, turns.dominance)) if count > 1 else np.ones(1)
-    introductions = rng.permutation(count)
-    lead = min(float(rng.uniform(*turns.lead_silence_seconds)), 0.2 * duration)
-    budget = (duration - lead) / count  # time each speaker's first turn may use
-    busy_until = np.full(count, -np.inf)
-    frontier, frontier_length, last = lead, 0.0, -1
-    activity = _Activity(duration)
-    pieces: list[_Piece] = []
-    index = 0
-    while True:
-        introducing = index < count
-        if introducing:
-            speaker = int(introductions[index])
-        elif count == 1 or rng.random() >= turns.speaker_change_probability:
-            speaker = last
-        else:
-            others = weights.copy()
-            others[last] = 0.0
-            speaker = int(np.searchsorted(np.cumsum(others), rng.random() * others.sum(), side="right"))
-            speaker = min(speaker, count - 1)
-        cap = 0.6 * budget if introducing else turns.max_turn_seconds
-        target = min(float(rng.exponential(turns.turn_seconds)), cap)
-        utterance, source_start, source_end, regions = _pick_slice(bank, speakers[speaker], target, cap, rng)
-        length = source_end - source_start
-        max_silence = min(turns.max_silence_seconds, 0.3 * budget) if introducing else turns.max_silence_seconds
-        kind = "turn"
-        if index == 0:
-            start = lead
-        elif speaker == last:
-            start = frontier + min(float(rng.exponential(turns.pause_seconds)), max_silence)
-        else:
-            overlap = float(rng.exponential(turns.overlap_seconds))
-            if turns.target_overlap_ratio is not None:
-                deficit = activity.overlap_deficit(turns.target_overlap_ratio, float(np.sum(regions[:, 1] - regions[:, 0])))
-                interrupt = deficit > 0
-                overlap = deficit
+
+    def __init__(self, bank: Bank, speakers: list[int], duration: float, turns: TurnTakingConfig,
+                 rng: np.random.Generator):
+        self.bank, self.speakers, self.duration, self.turns, self.rng = bank, speakers, duration, turns, rng
+        self.count = len(speakers)
+        self.weights = rng.dirichlet(np.full(self.count, turns.dominance)) if self.count > 1 else np.ones(1)
+        self.introductions = rng.permutation(self.count)
+        self.lead = min(float(rng.uniform(*turns.lead_silence_seconds)), 0.2 * duration)
+        self.budget = (duration - self.lead) / self.count  # time each speaker's first turn may use
+        self.busy_until = np.full(self.count, -np.inf)
+        self.frontier, self.frontier_length, self.last = self.lead, 0.0, -1
+        self.activity = _Activity(duration)
+        self.pieces: list[_Piece] = []
+
+    def plan(self) -> list[_Piece]:
+        turns, rng = self.turns, self.rng
+        index = 0
+        while True:
+            introducing = index < self.count
+            speaker = int(self.introductions[index]) if introducing else self._next_speaker()
+            cap = 0.6 * self.budget if introducing else turns.max_turn_seconds
+            target = min(float(rng.exponential(turns.turn_seconds)), cap)
+            utterance, source_start, source_end, regions = _pick_slice(self.bank, self.speakers[speaker], target,
+                                                                       cap, rng)
+            length = source_end - source_start
+            max_silence = turns.max_silence_seconds
+            if introducing:
+                max_silence = min(max_silence, 0.3 * self.budget)
+            if index == 0:
+                start = self.lead
+            elif speaker == self.last:
+                start = self.frontier + min(float(rng.exponential(turns.pause_seconds)), max_silence)
             else:
-                interrupt = rng.random() < turns.interruption_probability
-            if interrupt and frontier_length > 0:
-                overlap = min(overlap, 0.9 * min(frontier_length, length))
-                start = frontier - overlap
-                kind = "interruption"
-            else:
-                start = frontier + min(float(rng.exponential(turns.gap_seconds)), max_silence)
-        start = max(start, busy_until[speaker] + MIN_SAME_SPEAKER_GAP)
-        if start >= duration:
-            break
-        end = start + length
-        activity.add(start, regions)
-        pieces.append(_Piece(speaker, utterance, source_start, source_end, start, regions, kind))
-        if end > frontier:
-            frontier, frontier_length = end, length
-        busy_until[speaker] = end
-        last = speaker
-        if count > 1 and turns.backchannels_per_minute > 0:
-            expected = turns.backchannels_per_minute / 60.0 * length
-            for _ in range(int(rng.poisson(expected))):
-                listener = int(rng.integers(count - 1))
-                listener += listener >= speaker
-                wanted = float(rng.uniform(*turns.backchannel_seconds))
-                picked = _pick_slice(bank, speakers[listener], wanted, wanted, rng)
-                bc_length = picked[2] - picked[1]
-                earliest = max(start + 0.2 * length, busy_until[listener] + MIN_SAME_SPEAKER_GAP)
-                latest = end - bc_length - 0.1
-                if latest <= earliest:
-                    continue
-                bc_start = float(rng.uniform(earliest, latest))
-                pieces.append(_Piece(listener, picked[0], picked[1], picked[2], bc_start, picked[3], "backchannel"))
-                busy_until[listener] = bc_start + bc_length
-                activity.add(bc_start, picked[3])
-        index += 1
-    return pieces
+                start = self._speaker_change_start(length, regions, max_silence)
+            start = max(start, self.busy_until[speaker] + MIN_SAME_SPEAKER_GAP)
+            if start >= self.duration:
+                return self.pieces
+            kind = "interruption" if index and start < self.frontier else "turn"
+            self._place(_Piece(speaker, utterance, source_start, source_end, start, regions, kind))
+            if start + length > self.frontier:
+                self.frontier, self.frontier_length = start + length, length
+            self.last = speaker
+            self._add_backchannels(speaker, start, length)
+            index += 1
+
+    def _next_speaker(self) -> int:
+        """The same speaker again, or another one drawn by their share of the conversation."""
+        if self.count == 1 or self.rng.random() >= self.turns.speaker_change_probability:
+            return self.last
+        others = self.weights.copy()
+        others[self.last] = 0.0
+        chosen = int(np.searchsorted(np.cumsum(others), self.rng.random() * others.sum(), side="right"))
+        return min(chosen, self.count - 1)
+
+    def _speaker_change_start(self, length: float, regions: np.ndarray, max_silence: float) -> float:
+        """Start of another speaker's turn: a gap after the frontier, or an overlap before it."""
+        turns = self.turns
+        overlap = float(self.rng.exponential(turns.overlap_seconds))
+        if turns.target_overlap_ratio is not None:
+            speech = float(np.sum(regions[:, 1] - regions[:, 0]))
+            overlap = self.activity.overlap_deficit(turns.target_overlap_ratio, speech)
+            interrupt = overlap > 0
+        else:
+            interrupt = self.rng.random() < turns.interruption_probability
+        if interrupt:
+            return self.frontier - min(overlap, 0.9 * min(self.frontier_length, length))
+        return self.frontier + min(float(self.rng.exponential(turns.gap_seconds)), max_silence)
+
+    def _add_backchannels(self, speaker: int, start: float, length: float) -> None:
+        """Short slices by listeners, placed inside the turn just planned."""
+        rate = self.turns.backchannels_per_minute
+        if self.count == 1 or rate <= 0:
+            return
+        for _ in range(int(self.rng.poisson(rate / 60.0 * length))):
+            listener = int(self.rng.integers(self.count - 1))
+            listener += listener >= speaker
+            wanted = float(self.rng.uniform(*self.turns.backchannel_seconds))
+            utterance, source_start, source_end, regions = _pick_slice(
+                self.bank, self.speakers[listener], wanted, wanted, self.rng)
+            earliest = max(start + 0.2 * length, self.busy_until[listener] + MIN_SAME_SPEAKER_GAP)
+            latest = start + length - (source_end - source_start) - 0.1
+            if latest > earliest:
+                at = float(self.rng.uniform(earliest, latest))
+                self._place(_Piece(listener, utterance, source_start, source_end, at, regions, "backchannel"))
+
+    def _place(self, piece: _Piece) -> None:
+        self.pieces.append(piece)
+        self.busy_until[piece.speaker] = piece.start + piece.source_end - piece.source_start
+        self.activity.add(piece.start, piece.regions)
 
 
 class _Activity:
@@ -505,7 +523,7 @@ def _fade_in(samples: int) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, samples))).astype(np.float32)
 
 
-def _render_piece(bank: Bank, speaker_index: int, piece: _Piece, gain_db: float, rir: np.ndarray | None,
+def _render_piece(bank: Bank, speaker_index: int, piece: _Piece, gain_db: float, reverb: acoustics.Reverb | None,
                   mix: np.ndarray, tracks: np.ndarray | None, label: str) -> list[Turn]:
     """Add one slice to the mix at its level (measured over its speech regions only) and return its turns."""
     audio = _read_slice(bank, piece.utterance, speaker_index, piece.source_start, piece.source_end)
@@ -518,8 +536,8 @@ def _render_piece(bank: Bank, speaker_index: int, piece: _Piece, gain_db: float,
     audio[: fade.size] *= fade
     audio[audio.size - fade.size:] *= fade[::-1]
     audio *= np.float32(10 ** (gain_db / 20) / math.sqrt(energy / count))
-    if rir is not None:
-        audio = acoustics.reverberate(audio, rir)
+    if reverb is not None:
+        audio = reverb.apply(audio)
     offset = int(round(piece.start * SAMPLE_RATE))
     stop = min(offset + audio.size, mix.size)
     if stop <= offset:
@@ -536,7 +554,7 @@ def _render_piece(bank: Bank, speaker_index: int, piece: _Piece, gain_db: float,
 
 
 def _choose_room(config: ReverbConfig, count: int,
-                 rng: np.random.Generator) -> tuple[list[np.ndarray] | None, dict | None]:
+                 rng: np.random.Generator) -> tuple[list[acoustics.Reverb] | None, dict | None]:
     """One room for the conversation and a distinct position in it for each speaker (or none)."""
     if rng.random() >= config.probability:
         return None, None
@@ -545,7 +563,7 @@ def _choose_room(config: ReverbConfig, count: int,
     room = int(candidates[rng.integers(candidates.size)])
     positions = (rng.permutation(acoustics.SOURCES_PER_ROOM)[:count] if count <= acoustics.SOURCES_PER_ROOM
                  else rng.integers(acoustics.SOURCES_PER_ROOM, size=count))
-    return [rooms.rir(room, int(p)) for p in positions], {"room": room, "rt60": round(float(rooms.rt60[room]), 3)}
+    return [rooms.reverb(room, int(p)) for p in positions], {"room": room, "rt60": round(float(rooms.rt60[room]), 3)}
 
 
 def _add_noise(bank: Bank, config: NoiseConfig, mix: np.ndarray, speech_power: float,
