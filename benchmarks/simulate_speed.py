@@ -40,7 +40,8 @@ BENCHMARK_OVERRIDES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bank", type=Path, default=None, help="bank folder (default: the prepared bank, else synthetic)")
+    parser.add_argument("--bank", type=Path, default=None,
+                        help="bank folder (default: the prepared bank, else a synthetic one)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--num", type=int, default=300, help="conversations to time")
     parser.add_argument("--profile", action="store_true", help="also print where the time goes")

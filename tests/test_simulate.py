@@ -100,7 +100,8 @@ def test_babble_and_music_noises(train_bank: Bank) -> None:
     for kind in ("babble", "music"):
         if kind == "music" and not acoustics.available_music(("/usr/share/asterisk/moh",)):
             continue
-        config = load_preset("clean", SHORT + ["noise.probability=1", f"noise.types={{{kind}: 1}}", "noise.snr_db=[5,5]"])
+        noise = ["noise.probability=1", f"noise.types={{{kind}: 1}}", "noise.snr_db=[5,5]"]
+        config = load_preset("clean", SHORT + noise)
         (conversation,) = simulate_many(train_bank, config, 1)
         assert conversation.meta["noise"][0]["type"] == kind
         assert abs(conversation.meta["noise"][0]["measured_snr_db"] - 5.0) < 4.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import io
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,13 +96,6 @@ def music_clips(directories: tuple[str, ...], max_seconds: float = NOISE_BUFFER_
 
 def available_music(directories: tuple[str, ...]) -> bool:
     return bool(music_clips(directories))
-
-
-def warn_no_music(directories: tuple[str, ...]) -> None:
-    warnings.warn(
-        f"no music files in {', '.join(directories) or '(no directories)'}: music noise is replaced by the other types",
-        stacklevel=3,
-    )
 
 
 def loop_slice(buffer: np.ndarray, offset: int, length: int) -> np.ndarray:

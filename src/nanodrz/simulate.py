@@ -17,6 +17,7 @@ import argparse
 import functools
 import math
 import os
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -578,10 +579,13 @@ def _add_noise(bank: Bank, config: NoiseConfig, mix: np.ndarray, speech_power: f
     types = dict(config.types)
     directories = tuple(config.music_dirs)
     if types.get("music", 0) > 0 and not acoustics.available_music(directories):
-        acoustics.warn_no_music(directories)
+        warnings.warn(f"no music files in {', '.join(directories) or '(no folders)'}: "
+                      "music noise is replaced by the other noise types", stacklevel=3)
         types.pop("music")
         if sum(types.values()) <= 0:
-            raise NanodrzError(f"noise.types allows only music, and there are no music files in {', '.join(directories)}")
+            raise NanodrzError(
+                f"noise.types allows only music, and there are no music files in {', '.join(directories)}"
+            )
     low, high = as_range(config.sources)
     added = []
     for _ in range(int(rng.integers(low, high + 1))):
@@ -710,7 +714,8 @@ class Curriculum:
     def resolve(self) -> list[tuple[int, list[tuple[str, SimulationConfig, float]]]]:
         """Each stage's start with its (preset name, config, weight) choices, presets loaded."""
         return [
-            (stage.start, [(name, load_preset(name, stage.overrides), weight) for name, weight in stage.presets.items()])
+            (stage.start, [(name, load_preset(name, stage.overrides), weight)
+                           for name, weight in stage.presets.items()])
             for stage in self.stages
         ]
 
