@@ -17,6 +17,7 @@ COMMANDS = {
     "prepare": ("nanodrz.prepare", "build the utterance bank from the offline speech sources"),
     "simulate": ("nanodrz.simulate", "write synthetic conversations (audio + RTTM + manifest)"),
     "evaluate": ("nanodrz.evaluate", "score hypotheses against references: DER and JER"),
+    "train": ("nanodrz.train", "train a model from a YAML config"),
 }
 
 

@@ -26,7 +26,7 @@ import torch
 from nanodrz.annotation import Turn
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.errors import NanodrzError
-from nanodrz.model import DiarizationModel
+from nanodrz.model import DiarizationModel, pad_audio, pad_values
 from nanodrz.tokenizer import Tokenizer
 
 
@@ -169,23 +169,6 @@ def choose(logits: torch.Tensor, options: DecodingOptions) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def pad_audio(audio: Sequence[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, samples) zero-padded float tensor and (B,) lengths from a list of 1-D arrays."""
-    lengths = torch.tensor([len(a) for a in audio], dtype=torch.long)
-    batch = torch.zeros(len(audio), max(int(lengths.max()), 1), dtype=torch.float32)
-    for i, a in enumerate(audio):
-        batch[i, :len(a)] = torch.from_numpy(np.asarray(a, dtype=np.float32))
-    return batch.to(device), lengths.to(device)
-
-
-def pad_tokens(sequences: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    batch = torch.full((len(sequences), int(lengths.max())), pad, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        batch[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-    return batch.to(device), lengths.to(device)
-
-
 @torch.no_grad()
 def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequence[Sequence[Turn]] | None = None,
            options: DecodingOptions | None = None) -> list[DecodingResult]:
@@ -210,8 +193,9 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    audio_batch, audio_lengths = pad_audio(audio, device)
-    tokens, token_lengths = pad_tokens(given, tok.PAD, device)
+    audio_batch, audio_lengths = (t.to(device) for t in pad_audio(audio))
+    tokens, token_lengths = pad_values(given, tok.PAD, torch.long)
+    tokens, token_lengths = tokens.to(device), token_lengths.to(device)
     max_new = 3 * options.max_triples + 1
     cache, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new)
     state = GrammarState(

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -264,6 +265,24 @@ class DiarizationModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, pos, mask, cache, layer, slots)
         return self.norm(x)[:, 0] @ cache.table.T
+
+
+def pad_audio(audio: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, samples) zero-padded float32 batch and (B,) lengths from 1-D arrays."""
+    lengths = torch.tensor([len(a) for a in audio], dtype=torch.long)
+    batch = torch.zeros(len(audio), max(int(lengths.max()), 1), dtype=torch.float32)
+    for row, samples in enumerate(audio):
+        batch[row, :len(samples)] = torch.from_numpy(np.asarray(samples, dtype=np.float32))
+    return batch, lengths
+
+
+def pad_values(sequences: Sequence[Sequence[float]], pad: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, longest) batch of token ids or weights padded with `pad`, and (B,) lengths."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    batch = torch.full((len(sequences), max(int(lengths.max()), 1)), pad, dtype=dtype)
+    for row, values in enumerate(sequences):
+        batch[row, :len(values)] = torch.tensor(list(values), dtype=dtype)
+    return batch, lengths
 
 
 def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

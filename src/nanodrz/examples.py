@@ -1,0 +1,314 @@
+"""Training examples from conversations: a chunk, optionally preceded by speaker prompt clips.
+
+Long recordings are diarized chunk by chunk; every chunk after the first starts with a few seconds
+of each speaker known so far (clip of A, 200 ms silence, clip of B, ..., then the chunk) and the
+prompt triples that name them, so the model keeps their letters. Training reproduces that situation
+from one simulated conversation that is longer than the chunk:
+
+* the chunk is a random window of the conversation (it may cut turns, as long-form chunks do);
+* prompt clips come from single-speaker stretches of the same conversation outside the chunk, so they
+  carry the same room, level and noise as the chunk, as they would at inference;
+* some chunk speakers are prompted and some are not (they must get new letters after the prompt
+  letters), and prompted speakers who do not speak in the chunk act as distractors;
+* targets are the chunk's turns shifted by the prompt length.
+
+`assemble_prompted_input` is the layout shared with long-form inference.
+The stream of examples is indexed: example i of a run is built from its own random generator
+seeded by (seed, i), so a resumed run sees exactly the examples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from nanodrz.annotation import Turn
+from nanodrz.audio import SAMPLE_RATE
+from nanodrz.bank import Bank
+from nanodrz.errors import NanodrzError
+from nanodrz.model import pad_audio, pad_values
+from nanodrz.simulate import (Conversation, Curriculum, SimulationConfig, as_range, check_bank, fixed_conversations,
+                              simulate_conversation)
+from nanodrz.tokenizer import Encoded, Tokenizer
+
+PROMPT_GAP_SECONDS = 0.2
+EXAMPLE_STREAM = 2  # keeps chunk/prompt draws of fixed sets apart from the simulator's own streams
+
+
+@dataclass
+class ExampleConfig:
+    """How a conversation becomes a training example. Seconds throughout.
+
+    chunk_seconds: range of chunk lengths; prompt_probability: chance an example is prompted;
+    prompt_clip_seconds: range of clip lengths (a clip is shorter when its stretch is); min_clip_seconds:
+    shortest usable stretch; max_prompt_speakers: most clips per prompt; prompt_speaker_probability:
+    chance each chunk speaker with a usable stretch is prompted; distractor_probability: chance each
+    speaker absent from the chunk is prompted anyway; stretch_merge_seconds: pauses up to this long
+    inside one speaker's speech still count as one stretch; noise_turns: mean number of Pix2Seq noise
+    turns (labelled NOISE) per example; eos_weight: loss weight of EOS.
+    """
+
+    chunk_seconds: tuple[float, float] = (8.0, 15.0)
+    prompt_probability: float = 0.5
+    prompt_clip_seconds: tuple[float, float] = (1.5, 4.0)
+    min_clip_seconds: float = 1.0
+    max_prompt_speakers: int = 4
+    prompt_speaker_probability: float = 0.7
+    distractor_probability: float = 0.5
+    stretch_merge_seconds: float = 0.3
+    noise_turns: float = 0.0
+    eos_weight: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.chunk_seconds[0] <= self.chunk_seconds[1]:
+            raise ValueError("chunk_seconds must be an increasing pair of positive numbers")
+        if not 0 < self.min_clip_seconds <= self.prompt_clip_seconds[0] <= self.prompt_clip_seconds[1]:
+            raise ValueError("need 0 < min_clip_seconds <= prompt_clip_seconds[0] <= prompt_clip_seconds[1]")
+        for name in ("prompt_probability", "prompt_speaker_probability", "distractor_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]")
+        if self.noise_turns < 0 or self.eos_weight < 0:
+            raise ValueError("noise_turns and eos_weight must not be negative")
+
+
+@dataclass
+class Example:
+    """Model input audio (prompt clips + chunk) and turns in its time axis.
+
+    `prompt` holds one turn per clip, `turns` the chunk's turns (speakers are bank ids), `chunk_start`
+    where the chunk begins in `audio`, `noise` the fake spans of sequence augmentation; `chunk_window`
+    and `clip_sources` say where chunk and clips were taken from in the conversation.
+    """
+
+    audio: np.ndarray
+    prompt: list[Turn]
+    turns: list[Turn]
+    chunk_start: float
+    noise: list[tuple[float, float]] = field(default_factory=list)
+    chunk_window: tuple[float, float] = (0.0, 0.0)
+    clip_sources: list[tuple[float, float]] = field(default_factory=list)
+
+    def encode(self, tokenizer: Tokenizer, eos_weight: float = 1.0) -> Encoded:
+        return tokenizer.encode(self.prompt, self.turns, self.noise, eos_weight)
+
+
+def assemble_prompted_input(clips: Sequence[np.ndarray], chunk: np.ndarray,
+                            gap: float = PROMPT_GAP_SECONDS) -> tuple[np.ndarray, list[Turn]]:
+    """Lay out clip A, `gap` s of silence, clip B, silence, ..., then the chunk (16 kHz).
+
+    Returns the audio and one prompt turn per clip, lettered A, B, ... in clip order.
+    """
+    gap_samples = np.zeros(int(round(gap * SAMPLE_RATE)), dtype=np.float32)
+    pieces, turns, cursor = [], [], 0
+    for index, clip in enumerate(clips):
+        clip = np.asarray(clip, dtype=np.float32)
+        turns.append(Turn(cursor / SAMPLE_RATE, (cursor + len(clip)) / SAMPLE_RATE, chr(ord("A") + index)))
+        pieces += [clip, gap_samples]
+        cursor += len(clip) + len(gap_samples)
+    pieces.append(np.asarray(chunk, dtype=np.float32))
+    return np.concatenate(pieces), turns
+
+
+# --- interval helpers (lists of (start, end) in seconds, sorted) ----------------------------------
+def _merge(intervals: list[tuple[float, float]], gap: float) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start - merged[-1][1] <= gap:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def _subtract(intervals: list[tuple[float, float]], cuts: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    result = []
+    for start, end in intervals:
+        pieces = [(start, end)]
+        for cut_start, cut_end in cuts:
+            pieces = [p for s, e in pieces for p in ((s, min(e, cut_start)), (max(s, cut_end), e)) if p[1] > p[0]]
+        result += pieces
+    return result
+
+
+def single_speaker_stretches(turns: Sequence[Turn], speaker: str, excluded: tuple[float, float],
+                             merge_gap: float) -> list[tuple[float, float]]:
+    """Where `speaker` talks and nobody else does, outside the `excluded` window."""
+    own = _merge([(t.start, t.end) for t in turns if t.speaker == speaker], merge_gap)
+    others = [(t.start, t.end) for t in turns if t.speaker != speaker]
+    return _subtract(own, others + [excluded])
+
+
+def build_example(conversation: Conversation, config: ExampleConfig, max_seconds: float,
+                  rng: np.random.Generator) -> Example:
+    """Cut a chunk of `conversation` and maybe prompt it with clips from outside the chunk."""
+    audio = conversation.audio
+    duration = len(audio) / SAMPLE_RATE
+    chunk_length = min(float(rng.uniform(*config.chunk_seconds)), duration, max_seconds)
+    chunk_start = float(rng.uniform(0.0, duration - chunk_length))
+    window = (chunk_start, chunk_start + chunk_length)
+    chunk_turns = [Turn(max(t.start, window[0]) - window[0], min(t.end, window[1]) - window[0], t.speaker)
+                   for t in conversation.turns if t.end > window[0] and t.start < window[1]]
+    prompted = rng.random() < config.prompt_probability
+    clips: list[tuple[str, tuple[float, float]]] = []
+    if prompted:
+        in_chunk = set(t.speaker for t in chunk_turns)
+        speakers = list(dict.fromkeys(t.speaker for t in conversation.turns))
+        budget = max_seconds - chunk_length
+        for speaker in [speakers[i] for i in rng.permutation(len(speakers))]:
+            wanted = config.prompt_speaker_probability if speaker in in_chunk else config.distractor_probability
+            if len(clips) == config.max_prompt_speakers or rng.random() >= wanted:
+                continue
+            stretches = [s for s in single_speaker_stretches(conversation.turns, speaker, window,
+                                                             config.stretch_merge_seconds)
+                         if s[1] - s[0] >= config.min_clip_seconds]
+            if not stretches:
+                continue
+            stretch = stretches[int(rng.integers(len(stretches)))]
+            length = min(float(rng.uniform(*config.prompt_clip_seconds)), stretch[1] - stretch[0])
+            if length + PROMPT_GAP_SECONDS > budget:
+                continue
+            start = stretch[0] + float(rng.random()) * max(0.0, stretch[1] - stretch[0] - length)
+            clips.append((speaker, (start, start + length)))
+            budget -= length + PROMPT_GAP_SECONDS
+    first, last = (int(round(t * SAMPLE_RATE)) for t in window)
+    chunk = audio[first:last]
+    clip_audio = [audio[int(round(s * SAMPLE_RATE)):int(round(e * SAMPLE_RATE))] for _, (s, e) in clips]
+    model_input, prompt_turns = assemble_prompted_input(clip_audio, chunk)
+    offset = (len(model_input) - len(chunk)) / SAMPLE_RATE
+    prompt = [Turn(t.start, t.end, speaker) for t, (speaker, _) in zip(prompt_turns, clips)]
+    turns = [Turn(t.start + offset, t.end + offset, t.speaker) for t in chunk_turns]
+    noise = _noise_spans(turns, offset, offset + chunk_length, config.noise_turns, rng)
+    return Example(model_input, prompt, turns, offset, noise, window, [source for _, source in clips])
+
+
+def _noise_spans(turns: list[Turn], low: float, high: float, mean_count: float,
+                 rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Pix2Seq-style fake turns: jittered copies of real turns, or random spans, inside the chunk."""
+    spans = []
+    for _ in range(int(rng.poisson(mean_count)) if mean_count > 0 else 0):
+        if turns and rng.random() < 0.5:
+            turn = turns[int(rng.integers(len(turns)))]
+            shift = rng.normal(0.0, 0.3 * turn.duration, size=2)
+            start, end = turn.start + shift[0], turn.end + shift[1]
+        else:
+            start = float(rng.uniform(low, high))
+            end = start + float(rng.uniform(0.2, 3.0))
+        start, end = max(start, low), min(end, high)
+        if end > start:
+            spans.append((float(start), float(end)))
+    return spans
+
+
+# --- the example stream ---------------------------------------------------------------------------
+@dataclass
+class StreamConfig:
+    """Which conversations the training stream simulates.
+
+    `curriculum` moves through simulator presets by global sample index (see `simulate.Curriculum`);
+    num_speakers / conversation_seconds, when set, replace every preset's own values, so a curriculum
+    can raise difficulty at a fixed speaker count, with conversations long enough to leave material
+    for prompt clips outside the chunk.
+    """
+
+    curriculum: Curriculum = field(default_factory=Curriculum)
+    num_speakers: tuple[int, int] | None = None
+    conversation_seconds: tuple[float, float] | None = (20.0, 40.0)
+
+
+Stages = list[tuple[int, list[tuple[str, SimulationConfig, float]]]]
+
+
+def adapt_preset(config: SimulationConfig, stream: StreamConfig, max_speakers: int, name: str) -> SimulationConfig:
+    """A preset with the stream's speaker count and length, checked against the tokenizer's letters."""
+    if stream.num_speakers is not None:
+        config = dataclasses.replace(config, num_speakers=tuple(stream.num_speakers))
+    if stream.conversation_seconds is not None:
+        config = dataclasses.replace(config, duration=tuple(stream.conversation_seconds))
+    most = as_range(config.num_speakers)[1]
+    if most > max_speakers:
+        raise NanodrzError(f"preset {name!r} has up to {most} speakers but the tokenizer has {max_speakers}; "
+                           "set data.stream.num_speakers or tokenizer.num_speakers")
+    return config
+
+
+def resolve_stages(stream: StreamConfig, max_speakers: int) -> Stages:
+    return [(start, [(name, adapt_preset(config, stream, max_speakers, name), weight)
+                     for name, config, weight in choices])
+            for start, choices in stream.curriculum.resolve()]
+
+
+def make_example(bank: Bank, stages: Stages, examples: ExampleConfig, tokenizer: Tokenizer, index: int,
+                 rng: np.random.Generator) -> Example:
+    """Example number `index` of a run: its preset from the curriculum, then a conversation, then a chunk."""
+    choices = [choices for start, choices in stages if start <= index][-1]
+    weights = np.asarray([weight for _, _, weight in choices], dtype=np.float64)
+    _, config, _ = choices[int(rng.choice(len(choices), p=weights / weights.sum()))]
+    conversation = simulate_conversation(bank, config, rng)
+    return build_example(conversation, examples, tokenizer.config.max_seconds, rng)
+
+
+def example_item(example: Example, tokenizer: Tokenizer, eos_weight: float) -> dict[str, Any]:
+    encoded = example.encode(tokenizer, eos_weight)
+    return {"audio": example.audio, "tokens": encoded.tokens, "weights": encoded.weights}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Pad audio with zeros, tokens with PAD and weights with 0; lengths say what is real."""
+    audio, audio_lengths = pad_audio([item["audio"] for item in items])
+    tokens, token_lengths = pad_values([item["tokens"] for item in items], Tokenizer.PAD, torch.long)
+    weights, _ = pad_values([item["weights"] for item in items], 0.0, torch.float32)
+    return {"audio": audio, "audio_lengths": audio_lengths, "tokens": tokens, "token_lengths": token_lengths,
+            "weights": weights}
+
+
+class ExampleStream(IterableDataset):
+    """Endless collated batches of training examples, simulated on the fly, deterministic and resumable.
+
+    Batch b of rank r holds the examples with global index (b * world + r) * batch_size + j, each
+    built from `np.random.default_rng([seed, index])`. DataLoader workers take whole batches
+    round-robin (worker w makes batches start + w, start + w + W, ...), the order in which DataLoader
+    hands them out, so the batch sequence is the same for any number of workers and restarting at
+    batch `start` (a resumed run) continues it exactly. Use with `DataLoader(batch_size=None)`.
+    """
+
+    def __init__(self, bank_root: str | Path, split: str, stream: StreamConfig, examples: ExampleConfig,
+                 tokenizer: Tokenizer, batch_size: int, seed: int, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.bank_root, self.split = Path(bank_root), split
+        self.examples, self.tokenizer = examples, tokenizer
+        self.batch_size, self.seed, self.start_batch = batch_size, seed, start_batch
+        self.rank, self.world_size = rank, world_size
+        self.stages = resolve_stages(stream, tokenizer.num_speakers)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        bank = Bank(self.bank_root, self.split)
+        for _, choices in self.stages:
+            for _, config, _ in choices:
+                check_bank(bank, config)
+        batch = self.start_batch + worker
+        while True:
+            items = []
+            for j in range(self.batch_size):
+                index = (batch * self.world_size + self.rank) * self.batch_size + j
+                example = make_example(bank, self.stages, self.examples, self.tokenizer, index,
+                                       np.random.default_rng([self.seed, index]))
+                items.append(example_item(example, self.tokenizer, self.examples.eos_weight))
+            yield collate(items)
+            batch += workers
+
+
+def fixed_examples(bank: Bank, config: SimulationConfig, examples: ExampleConfig, max_seconds: float,
+                   count: int, seed: int) -> list[Example]:
+    """The same `count` examples for a given seed (e.g. a validation set): the simulator's fixed
+    conversations, each cut and prompted with its own generator."""
+    return [build_example(conversation, examples, max_seconds, np.random.default_rng([seed, EXAMPLE_STREAM, i]))
+            for i, conversation in enumerate(fixed_conversations(bank, config, count, seed))]

@@ -1,0 +1,189 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanodrz import cli
+from nanodrz.annotation import Turn
+from nanodrz.bank import Bank
+from nanodrz.checkpoint import load_checkpoint, load_model
+from nanodrz.config import load_config
+from nanodrz.errors import NanodrzError
+from nanodrz.examples import (ExampleConfig, ExampleStream, StreamConfig, assemble_prompted_input, build_example,
+                              single_speaker_stretches)
+from nanodrz.simulate import load_preset, simulate_conversation
+from nanodrz.tokenizer import Tokenizer, TokenizerConfig
+from nanodrz.train import Config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+SR = 16000
+
+
+def tiny_config(bank: Path, out: Path, *overrides: str) -> Config:
+    return load_config(Config, TINY, [f"data.bank={bank}", f"train.out_dir={out}", *overrides])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+# --- examples ---------------------------------------------------------------------------------------
+def test_assemble_prompted_input_layout():
+    clips = [np.ones(SR, dtype=np.float32), 2 * np.ones(SR // 2, dtype=np.float32)]
+    chunk = 3 * np.ones(2 * SR, dtype=np.float32)
+    audio, turns = assemble_prompted_input(clips, chunk)
+    assert turns == [Turn(0.0, 1.0, "A"), Turn(1.2, 1.7, "B")]
+    assert len(audio) == int(3.9 * SR)
+    assert np.all(audio[SR:int(1.2 * SR)] == 0) and np.all(audio[int(1.7 * SR):int(1.9 * SR)] == 0)
+    assert np.all(audio[int(1.9 * SR):] == 3)
+
+
+def test_single_speaker_stretches():
+    turns = [Turn(0, 2, "a"), Turn(2.2, 4, "a"), Turn(3, 5, "b"), Turn(6, 9, "a")]
+    assert single_speaker_stretches(turns, "a", (7.0, 8.0), merge_gap=0.3) == [(0, 3), (6, 7.0), (8.0, 9)]
+    assert single_speaker_stretches(turns, "b", (0.0, 0.0), merge_gap=0.3) == [(4, 5)]
+
+
+def test_build_example_prompts_from_outside_the_chunk(tiny_bank):
+    bank = Bank(tiny_bank, "train")
+    simulation = load_preset("clean", ["duration=[20, 30]", "num_speakers=[2, 3]"])
+    config = ExampleConfig(chunk_seconds=(5.0, 8.0), prompt_probability=1.0, prompt_clip_seconds=(1.0, 2.0),
+                           distractor_probability=1.0, noise_turns=2.0)
+    prompted = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        conversation = simulate_conversation(bank, simulation, rng)
+        example = build_example(conversation, config, 20.0, rng)
+        window = example.chunk_window
+        offset = example.chunk_start
+        chunk = conversation.audio[int(round(window[0] * SR)):int(round(window[1] * SR))]
+        np.testing.assert_array_equal(example.audio[-len(chunk):], chunk)
+        assert len(example.audio) / SR <= 20.0
+        for clip, (start, end) in zip(example.prompt, example.clip_sources):
+            assert end <= window[0] or start >= window[1], "prompt clips come from outside the chunk"
+            active = {t.speaker for t in conversation.turns if t.start < end and t.end > start}
+            assert active == {clip.speaker}, "a clip holds one speaker"
+            clip_audio = example.audio[int(round(clip.start * SR)):int(round(clip.end * SR))]
+            source = conversation.audio[int(round(start * SR)):int(round(end * SR))]
+            np.testing.assert_array_equal(clip_audio, source)
+        expected = sorted((max(t.start, window[0]) - window[0] + offset, min(t.end, window[1]) - window[0] + offset,
+                           t.speaker) for t in conversation.turns if t.end > window[0] and t.start < window[1])
+        got = sorted((t.start, t.end, t.speaker) for t in example.turns)
+        assert [g[2] for g in got] == [e[2] for e in expected]
+        np.testing.assert_allclose([g[:2] for g in got], [e[:2] for e in expected], atol=1e-9)
+        assert all(offset <= s < e <= offset + (window[1] - window[0]) + 1e-9 for s, e in example.noise)
+        prompted += bool(example.prompt)
+        example.encode(Tokenizer(TokenizerConfig(max_seconds=20.0)))
+    assert prompted >= 3
+
+
+def test_example_stream_is_the_same_for_any_worker_count_and_resumes(tiny_bank):
+    config = tiny_config(tiny_bank, Path("unused"))
+    tokenizer = Tokenizer(config.tokenizer)
+
+    def batches(workers: int, start: int, count: int) -> list[dict]:
+        stream = ExampleStream(tiny_bank, "train", config.data.stream, config.data.examples, tokenizer,
+                               batch_size=2, seed=5, start_batch=start)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        iterator = iter(loader)
+        return [next(iterator) for _ in range(count)]
+
+    serial = batches(0, 0, 4)
+    parallel = batches(2, 0, 4)
+    resumed = batches(0, 2, 2)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["tokens"], b["tokens"])
+    for a, b in zip(serial[2:], resumed):
+        assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["tokens"], b["tokens"])
+    assert not torch.equal(serial[0]["tokens"], serial[1]["tokens"])
+
+
+# --- training -----------------------------------------------------------------------------------------
+def test_tiny_training_run_learns_and_writes_its_outputs(tiny_bank, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(tiny_config(tiny_bank, run_dir, "train.steps=30", "train.eval_interval=30"))
+    losses = list(train_losses(run_dir).values())
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    for name in ("last.safetensors", "last.state.pt", "best.safetensors", "loss_curve.png", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tensorboard").iterdir())
+    assert 0.0 <= result["val_der"] and "val_der_clean" in result
+    model = load_model(run_dir / "best.safetensors")
+    assert model.tokenizer.spec() == Tokenizer(tiny_config(tiny_bank, run_dir).tokenizer).spec()
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(tiny_bank, tmp_path):
+    common = ("train.steps=6", "train.eval_interval=4", "train.checkpoint_interval=100", "data.examples.noise_turns=1",
+              "model.dropout=0.1")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(tiny_config(tiny_bank, whole, *common))
+    train(tiny_config(tiny_bank, split, *common, "train.stop_at_step=3"))
+    assert max(train_losses(split)) == 3
+    with pytest.raises(NanodrzError, match="already holds a run"):
+        train(tiny_config(tiny_bank, split, *common))
+    train(tiny_config(tiny_bank, split, *common), resume=str(split))
+    assert train_losses(split) == train_losses(whole)
+    with safe_open(str(whole / "last.safetensors"), "pt") as a, safe_open(str(split / "last.safetensors"), "pt") as b:
+        for name in a.keys():
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+
+
+def test_checkpoint_problems_are_clear_errors(tiny_bank, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_bank, run_dir, "train.steps=2", "train.eval_interval=100"))
+    with pytest.raises(NanodrzError, match="model config differs"):
+        train(tiny_config(tiny_bank, tmp_path / "other", "train.steps=4", "model.d_model=64"), resume=str(run_dir))
+    with pytest.raises(NanodrzError, match="tokenizer config differs"):
+        train(tiny_config(tiny_bank, tmp_path / "other", "train.steps=4", "tokenizer.num_speakers=5"),
+              resume=str(run_dir))
+    checkpoint = load_checkpoint(run_dir)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(checkpoint.weights, str(foreign), metadata={"format": "nanodrz-checkpoint", "version": "0"})
+    with pytest.raises(NanodrzError, match="another nanodrz version"):
+        load_model(foreign)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(NanodrzError, match="not a readable"):
+        load_model(garbage)
+    with pytest.raises(NanodrzError, match="no checkpoint"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_ddp_with_two_gloo_processes(tiny_bank, tmp_path):
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "nanodrz.cli", "train", str(TINY),
+               "--set", f"data.bank={tiny_bank}", "--set", f"train.out_dir={run_dir}",
+               "--set", "train.steps=3", "--set", "train.eval_interval=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]
+    assert load_checkpoint(run_dir).step == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.width=3", "unknown key 'width'"),
+    ("train.steps=many", "expected an integer"),
+    ("data.examples.chunk_seconds=[4, 40]", "may not exceed tokenizer.max_seconds"),
+    ("data.stream.num_speakers=[2, 9]", "tokenizer has 4"),
+])
+def test_config_errors_exit_2(tiny_bank, tmp_path, capsys, override, message):
+    code = cli.main(["train", str(TINY), "--set", f"data.bank={tiny_bank}", "--set",
+                     f"train.out_dir={tmp_path / 'run'}", "--set", override])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
