@@ -179,7 +179,7 @@ def test_ddp_with_two_gloo_processes(tiny_bank, tmp_path):
     ("model.width=3", "unknown key 'width'"),
     ("train.steps=many", "expected an integer"),
     ("data.examples.chunk_seconds=[4, 40]", "may not exceed tokenizer.max_seconds"),
-    ("data.stream.num_speakers=[2, 9]", "tokenizer has 4"),
+    ("data.stream.num_speakers=[2, 5]", "tokenizer has 4"),
 ])
 def test_config_errors_exit_2(tiny_bank, tmp_path, capsys, override, message):
     code = cli.main(["train", str(TINY), "--set", f"data.bank={tiny_bank}", "--set",
