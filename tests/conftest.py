@@ -105,6 +105,21 @@ def tiny_bank(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bank(tmp_path_factory.mktemp("bank"))
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained model of a few thousand parameters saved as a checkpoint (step 7, 12 s inputs, 4-6 s chunks)."""
+    from nanodrz.checkpoint import save_checkpoint
+    from nanodrz.model import DiarizationModel, ModelConfig
+    from nanodrz.tokenizer import Tokenizer, TokenizerConfig
+
+    model_config = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_mels": 40}
+    tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=12, num_speakers=4))
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    config = {"model": model_config, "data": {"examples": {"chunk_seconds": [4, 6], "prompt_clip_seconds": [1.0, 2.0]}}}
+    save_checkpoint(path, DiarizationModel(ModelConfig(**model_config), tokenizer), 7, config)
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Point NANODRZ_CACHE at a temporary folder so tests never read or fill the user's cache."""

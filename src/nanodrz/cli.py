@@ -18,6 +18,8 @@ COMMANDS = {
     "simulate": ("nanodrz.simulate", "write synthetic conversations (audio + RTTM + manifest)"),
     "evaluate": ("nanodrz.evaluate", "score hypotheses against references: DER and JER"),
     "train": ("nanodrz.train", "train a model from a YAML config"),
+    "diarize": ("nanodrz.diarize", "diarize recordings: RTTM / JSON / timeline plots"),
+    "sweep": ("nanodrz.sweep", "difficulty study: DER along each axis, optionally against senko"),
 }
 
 
