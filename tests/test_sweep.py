@@ -161,6 +161,11 @@ def test_sweep_report_results_and_reused_sets(tiny_bank, tiny_checkpoint, tmp_pa
     clean = results["groups"][1]["rows"][0]
     assert clean["systems"]["nanodrz"]["same_as"] == "overlap/0"
     assert (out / "sets/snr/clean/00000.wav").read_bytes() == (out / "sets/overlap/0/00000.wav").read_bytes()
+    assert "clean: the same files as overlap/0, scores reused" in report
+    # The noise axis shows the SNR the sets really have.
+    assert "| SNR dB over speech |" in report
+    noisy = results["groups"][1]["rows"][1]
+    assert clean["measured"] is None and noisy["measured"] == pytest.approx(0.0, abs=1.0)
 
     sets = sorted(path for path in (out / "sets").rglob("*") if path.is_file())
     before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in sets}
@@ -174,6 +179,7 @@ def test_sweep_report_results_and_reused_sets(tiny_bank, tiny_checkpoint, tmp_pa
         [row["files"] for group in results["groups"] for row in group["rows"]]
     assert [row["systems"]["nanodrz"]["total"]["der"][0]["der"] for group in rerun["groups"]
             for row in group["rows"]] != ders
+    assert rerun["groups"][1]["rows"][1]["measured"] == noisy["measured"]
 
 
 def test_another_seed_makes_other_sets(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder):

@@ -24,7 +24,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -83,6 +83,22 @@ class Axis:
     title: str
     knob: str  # what the points change, for the report
     points: tuple[Point, ...]
+    # What the sets really hold (column name, value from a conversation's manifest entry), where it can differ
+    measured: tuple[str, Callable[[dict], float | None]] | None = None
+
+
+def _measured_snr(meta: dict) -> float | None:
+    values = [noise["measured_snr_db"] for noise in meta["noise"] if noise["measured_snr_db"] is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _level_gap(meta: dict) -> float:
+    gains = meta["speaker_gain_db"].values()
+    return max(gains) - min(gains)
+
+
+def _room_rt60(meta: dict) -> float | None:
+    return meta["reverb"]["rt60"] if meta["reverb"] else None
 
 
 def _snr_point(snr_db: int, quick: bool = False) -> Point:
@@ -101,14 +117,17 @@ AXES = {axis.name: axis for axis in (
              for ratio in (0.0, 0.1, 0.2, 0.3, 0.4))),
     Axis("snr", "Background noise", "`noise.snr_db`: one noise (white, pink, brown, babble or music) at this "
          "SNR against the speech", (Point("clean", ("noise.probability=0",), True), _snr_point(20), _snr_point(10),
-                                    _snr_point(5), _snr_point(0, True))),
+                                    _snr_point(5), _snr_point(0, True)), ("SNR dB over speech", _measured_snr)),
     Axis("speakers", "Number of speakers", "`num_speakers`", tuple(
         Point(str(count), (f"num_speakers={count}",), count in (2, 6)) for count in range(2, 7))),
-    Axis("loudness", "Loudness gap", "`loudness_gap_db`: speaker levels spread over this many dB",
-         tuple(Point(f"{gap}dB", (f"loudness_gap_db=[{gap},{gap}]",), gap in (0, 12)) for gap in (0, 6, 12))),
+    Axis("loudness", "Loudness gap", "`loudness_gap_db`: each speaker's level is drawn within half this many dB "
+         "of the conversation's level, so two speakers are usually closer than the point says (level gap column: "
+         "loudest minus quietest speaker)",
+         tuple(Point(f"{gap}dB", (f"loudness_gap_db=[{gap},{gap}]",), gap in (0, 12)) for gap in (0, 6, 12)),
+         ("level gap dB", _level_gap)),
     Axis("reverb", "Reverberation", "`reverb.rt60`: every speaker at its own place in one room of this RT60",
          (Point("none", ("reverb.probability=0",), True), _reverb_point(0.3), _reverb_point(0.6),
-          _reverb_point(0.9, True))),
+          _reverb_point(0.9, True)), ("room RT60 s", _room_rt60)),
     Axis("duration", "Duration (long form)", "`duration`: recording length in seconds (chunks and speaker prompts)",
          tuple(Point(f"{seconds}s", (f"duration={seconds}",), seconds in (20, 60)) for seconds in (20, 60, 180, 600))),
 )}
@@ -129,6 +148,7 @@ class TestSet:
     overrides: tuple[str, ...] = ()
     fingerprint: str | None = None  # simulated sets with equal fingerprints hold the same files
     note: str = ""
+    conversations: list[dict] = field(default_factory=list)  # simulator records (manifest entries)
 
     @property
     def key(self) -> str:
@@ -173,13 +193,13 @@ def materialize(plan: PlannedSet, directory: Path, bank: Bank, seed: int) -> Tes
     fingerprint = set_fingerprint(plan, bank, seed)
     manifest_path = directory / "manifest.json"
     names = [f"{index:05d}" for index in range(plan.count)]
-    reusable = False
-    if manifest_path.is_file():
-        try:
-            reusable = json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint
-        except json.JSONDecodeError:
-            reusable = False
-        reusable = reusable and all((directory / f"{name}.{ext}").is_file() for name in names for ext in ("wav", "rttm"))
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        manifest = {}
+    entries = manifest.get("conversations", [])
+    reusable = manifest.get("fingerprint") == fingerprint and all(
+        (directory / f"{name}.{ext}").is_file() for name in names for ext in ("wav", "rttm"))
     if not reusable:
         entries = []
         for index, name in enumerate(tqdm(names, desc=f"simulating {plan.group}/{plan.name}", unit="file",
@@ -202,7 +222,7 @@ def materialize(plan: PlannedSet, directory: Path, bank: Bank, seed: int) -> Tes
     for name in names:
         references[name] = read_rttm(directory / f"{name}.rttm").get(name, [])
     return TestSet(plan.group, plan.name, [(name, directory / f"{name}.wav") for name in names], references,
-                   plan.overrides, fingerprint)
+                   plan.overrides, fingerprint, conversations=entries)
 
 
 def annotated_set(spec: str) -> TestSet:
@@ -314,7 +334,8 @@ def senko_runner(baseline):
 # Results, plots and the report
 
 
-def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResult]) -> dict:
+def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResult],
+                measure: Callable[[dict], float | None] | None = None) -> dict:
     """One row of results.json: the set and, per system, totals and per-file scores."""
     speech, overlap = 0.0, 0.0
     for turns in test_set.references.values():
@@ -344,6 +365,7 @@ def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResu
             } for row in result.report.files],
         }
     reference_speakers = [len({t.speaker for t in turns}) for turns in test_set.references.values()]
+    measured = [value for value in map(measure, test_set.conversations) if value is not None] if measure else []
     return {
         "name": test_set.name,
         "overrides": list(test_set.overrides),
@@ -352,6 +374,7 @@ def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResu
         "speech_seconds": round(speech, 3),
         "overlap_ratio": overlap / speech if speech > 0 else 0.0,
         "mean_speakers": sum(reference_speakers) / len(reference_speakers),
+        "measured": sum(measured) / len(measured) if measured else None,
         "note": test_set.note,
         "systems": systems,
     }
@@ -361,8 +384,8 @@ def percent(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def markdown_table(rows: list[dict], systems: list[str], first_column: str) -> str:
-    header = [first_column, "files", "audio min", "speech s", "overlap %", "speakers",
+def markdown_table(rows: list[dict], systems: list[str], first_column: str, measured: str | None) -> str:
+    header = [first_column, "files", "audio min", "speech s", "overlap %", "speakers", *([measured] if measured else []),
               "DER %", "miss %", "FA %", "conf %", "DER % c0.25", "JER %", "#spk exact %", "RTF"]
     for baseline in systems[1:]:
         header += [f"{baseline} DER %", f"{baseline} DER % c0.25", f"{baseline} #spk exact %", f"{baseline} RTF"]
@@ -372,6 +395,7 @@ def markdown_table(rows: list[dict], systems: list[str], first_column: str) -> s
         der0, der25 = ours["total"]["der"]
         cells = [row["name"], str(row["files"]), f"{row['audio_seconds'] / 60:.1f}", f"{row['speech_seconds']:.0f}",
                  percent(row["overlap_ratio"]), f"{row['mean_speakers']:.1f}",
+                 *(["–" if row["measured"] is None else f"{row['measured']:.2f}"] if measured else []),
                  percent(der0["der"]), percent(der0["missed"]), percent(der0["false_alarm"]),
                  percent(der0["confusion"]), percent(der25["der"]), percent(ours["total"]["jer"]),
                  percent(ours["speaker_count_exact"]), f"{ours['real_time_factor']:.3f}"]
@@ -440,8 +464,11 @@ def write_report(out: Path, results: dict) -> None:
         lines += ["", f"## {group['title']}", ""]
         if group.get("knob"):
             lines += [f"Knob: {group['knob']}.", ""]
-        lines.append(markdown_table(group["rows"], systems, "point" if group["kind"] == "axis" else "set"))
+        lines.append(markdown_table(group["rows"], systems, "point" if group["kind"] == "axis" else "set",
+                                    group.get("measured")))
         notes = [f"{row['name']}: {row['note']}" for row in group["rows"] if row["note"]]
+        notes += [f"{row['name']}: the same files as {row['systems'][OURS]['same_as']}, scores reused"
+                  for row in group["rows"] if row["systems"][OURS]["same_as"]]
         notes += [f"{row['name']}: {system} failed on {len(row['systems'][system]['failed'])} file(s), scored as "
                   f"all missed" for row in group["rows"] for system in systems if row["systems"][system]["failed"]]
         if notes:
@@ -485,6 +512,7 @@ def evaluate_groups(sets: list[tuple[dict, list[TestSet]]], systems: dict[str, C
         with tqdm(total=1, desc="warm-up", leave=False, file=sys.stderr) as bar:
             diarize_set(warm_up, bar)
     groups = []
+    measures = {name: axis.measured[1] for name, axis in AXES.items() if axis.measured}
     done: dict[tuple[str, str], tuple[str, SystemResult]] = {}
     for description, test_sets in sets:
         rows = []
@@ -499,7 +527,7 @@ def evaluate_groups(sets: list[tuple[dict, list[TestSet]]], systems: dict[str, C
                     results[name] = run_system(name, diarize_set, test_set, out, seconds)
                     if test_set.fingerprint:
                         done[(name, test_set.fingerprint)] = (test_set.key, results[name])
-            rows.append(row_summary(test_set, seconds, results))
+            rows.append(row_summary(test_set, seconds, results, measures.get(test_set.group)))
         plot = Path("plots") / f"{description['name']}.png"
         group = {**description, "plot": str(plot), "rows": rows}
         plot_group(group, list(systems), out / plot)
@@ -529,7 +557,8 @@ def plan_groups(args: argparse.Namespace, per_point: int) -> list[tuple[dict, li
         for point in points:
             config = load_preset(BASE_PRESET, [*BASE_OVERRIDES, *point.overrides])
             plans.append(PlannedSet(name, point.name, config, point.overrides, file_count(config, per_point)))
-        groups.append(({"name": name, "title": axis.title, "knob": axis.knob, "kind": "axis"}, plans))
+        groups.append(({"name": name, "title": axis.title, "knob": axis.knob, "kind": "axis",
+                        "measured": axis.measured[0] if axis.measured else None}, plans))
     presets = parse_list(args.preset)
     if presets or args.extra:
         plans = []
