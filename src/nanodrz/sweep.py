@@ -161,9 +161,17 @@ class PlannedSet:
 
     group: str
     name: str
+    preset: str
+    overrides: tuple[str, ...]  # all of them, as given to `load_preset`
+    point_overrides: tuple[str, ...]  # those that make this point of an axis
     config: SimulationConfig
-    overrides: tuple[str, ...]
     count: int
+
+
+def plan_set(group: str, name: str, preset: str, overrides: tuple[str, ...], point_overrides: tuple[str, ...],
+             per_point: int) -> PlannedSet:
+    config = load_preset(preset, list(overrides))
+    return PlannedSet(group, name, preset, overrides, point_overrides, config, file_count(config, per_point))
 
 
 def file_count(config: SimulationConfig, per_point: int) -> int:
@@ -211,7 +219,8 @@ def materialize(plan: PlannedSet, directory: Path, bank: Bank, seed: int) -> Tes
         write_json(manifest_path, {
             "version": SET_VERSION,
             "fingerprint": fingerprint,
-            "overrides": [*BASE_OVERRIDES, *plan.overrides],
+            "preset": plan.preset,
+            "overrides": list(plan.overrides),
             "config": to_dict(plan.config),
             "seed": seed,
             "split": ",".join(bank.splits),
@@ -222,7 +231,7 @@ def materialize(plan: PlannedSet, directory: Path, bank: Bank, seed: int) -> Tes
     for name in names:
         references[name] = read_rttm(directory / f"{name}.rttm").get(name, [])
     return TestSet(plan.group, plan.name, [(name, directory / f"{name}.wav") for name in names], references,
-                   plan.overrides, fingerprint, conversations=entries)
+                   plan.point_overrides, fingerprint, conversations=entries)
 
 
 def annotated_set(spec: str) -> TestSet:
@@ -353,7 +362,7 @@ def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResu
             "speaker_count_abs_error": count_error,
             "failed": result.failed,
             "same_as": result.same_as,
-            "total": {**result.report.total.to_dict(), "uri": None},
+            "total": result.report.total.to_dict(),
             "files": [{
                 "uri": row.uri,
                 "der": row.at(0.0).der,
@@ -381,7 +390,7 @@ def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResu
 
 
 def percent(value: float | None) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
 def markdown_table(rows: list[dict], systems: list[str], first_column: str, measured: str | None) -> str:
@@ -553,18 +562,13 @@ def plan_groups(args: argparse.Namespace, per_point: int) -> list[tuple[dict, li
     for name in axes:
         axis = AXES[name]
         points = [point for point in axis.points if point.quick or not args.quick]
-        plans = []
-        for point in points:
-            config = load_preset(BASE_PRESET, [*BASE_OVERRIDES, *point.overrides])
-            plans.append(PlannedSet(name, point.name, config, point.overrides, file_count(config, per_point)))
+        plans = [plan_set(name, point.name, BASE_PRESET, (*BASE_OVERRIDES, *point.overrides), point.overrides,
+                          per_point) for point in points]
         groups.append(({"name": name, "title": axis.title, "knob": axis.knob, "kind": "axis",
                         "measured": axis.measured[0] if axis.measured else None}, plans))
     presets = parse_list(args.preset)
     if presets or args.extra:
-        plans = []
-        for preset in presets:
-            config = load_preset(preset)
-            plans.append(PlannedSet("sets", Path(preset).stem, config, (), file_count(config, per_point)))
+        plans = [plan_set("sets", Path(preset).stem, preset, (), (), per_point) for preset in presets]
         groups.append(({"name": "sets", "title": "Presets and annotated sets", "kind": "sets",
                         "knob": "none; each preset as it is (its own ranges of every knob), with the same seed"},
                        plans))
