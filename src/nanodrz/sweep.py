@@ -425,7 +425,7 @@ def plot_group(group: dict, systems: list[str], path: Path) -> None:
 
     rows = group["rows"]
     labels = [row["name"] for row in rows]
-    fig, axis = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.6))
+    fig, axis = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2) + 2.0, 3.6))
     palette = plt.get_cmap("tab10")
     for index, system in enumerate(systems):
         der0 = [100 * row["systems"][system]["total"]["der"][0]["der"] for row in rows]
@@ -442,7 +442,7 @@ def plot_group(group: dict, systems: list[str], path: Path) -> None:
     axis.set_ylabel("DER %")
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axis.set_title(f"DER: {group['title'].lower()}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
