@@ -182,13 +182,18 @@ def test_sweep_report_results_and_reused_sets(tiny_bank, tiny_checkpoint, tmp_pa
     assert rerun["groups"][1]["rows"][1]["measured"] == noisy["measured"]
 
 
-def test_another_seed_makes_other_sets(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder):
+def test_other_seed_or_size_regenerates_the_set(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder):
     out = tmp_path / "sweep"
     assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "1") == 0
     first = (out / "sets/loudness/12dB/00000.wav").read_bytes()
     assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "1",
                  "--seed", "1") == 0
     assert (out / "sets/loudness/12dB/00000.wav").read_bytes() != first
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "2") == 0
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "1") == 0
+    assert (out / "sets/loudness/12dB/00000.wav").read_bytes() == first
+    assert sorted(path.name for path in (out / "sets/loudness/12dB").iterdir()) == \
+        ["00000.rttm", "00000.wav", "manifest.json"]
 
 
 def test_baseline_column(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder, monkeypatch):

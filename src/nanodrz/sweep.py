@@ -209,6 +209,9 @@ def materialize(plan: PlannedSet, directory: Path, bank: Bank, seed: int) -> Tes
     reusable = manifest.get("fingerprint") == fingerprint and all(
         (directory / f"{name}.{ext}").is_file() for name in names for ext in ("wav", "rttm"))
     if not reusable:
+        for stale in [*directory.glob("*.wav"), *directory.glob("*.rttm")]:
+            if stale.stem not in names:
+                stale.unlink()
         entries = []
         for index, name in enumerate(tqdm(names, desc=f"simulating {plan.group}/{plan.name}", unit="file",
                                           leave=False, file=sys.stderr)):
