@@ -11,8 +11,10 @@ tokens that cannot come next, so whatever the model prefers, the output is a wel
 * `LengthFilter`: EOS once `max_triples` triples are written.
 
 `decode(model, audio, prompts, options)` is the one entry point; `DecodingOptions.strategy` picks how
-a token is chosen from the filtered logits (greedy here; beam search and nucleus sampling plug in at
-`choose`).
+a token is chosen from the filtered logits: greedy (argmax), beam search (the `beam_size` best partial
+answers by summed log-probability, the best finished one by mean log-probability per token), or
+nucleus sampling (Pix2Seq found sampling gives higher recall than argmax). Beams are rows of the batch:
+the KV cache and the grammar state are reordered whenever beams are re-ranked.
 """
 
 from __future__ import annotations
@@ -33,12 +35,27 @@ from nanodrz.tokenizer import Tokenizer
 @dataclass
 class DecodingOptions:
     """max_triples: most turns written per input; max_speakers: cap on letters (None = tokenizer's);
-    keep_noise: also return turns the model labelled NOISE (speaker "NOISE")."""
+    min_speakers: EOS is refused until this many letters (prompt letters included) are used;
+    keep_noise: also return turns the model labelled NOISE (speaker "NOISE"); beam_size: beams per
+    input for "beam"; temperature, top_p, seed: nucleus sampling for "sample"."""
 
-    strategy: Literal["greedy"] = "greedy"
+    strategy: Literal["greedy", "beam", "sample"] = "greedy"
     max_triples: int = 64
     max_speakers: int | None = None
+    min_speakers: int = 0
     keep_noise: bool = False
+    beam_size: int = 4
+    temperature: float = 1.0
+    top_p: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise NanodrzError(f"unknown decoding strategy {self.strategy!r} (greedy, beam or sample)")
+        if self.beam_size < 1 or self.max_triples < 1:
+            raise NanodrzError("beam_size and max_triples must be at least 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise NanodrzError("temperature must be positive and top_p in (0, 1]")
 
 
 @dataclass
@@ -60,11 +77,12 @@ class GrammarState:
     previous triple, `letters_used` counts letters so far (prompt letters included)."""
 
     def __init__(self, tokenizer: Tokenizer, min_time: torch.Tensor, max_time: torch.Tensor,
-                 letters_used: torch.Tensor, max_speakers: int, max_triples: int):
+                 letters_used: torch.Tensor, max_speakers: int, max_triples: int, min_speakers: int = 0):
         self.tokenizer = tokenizer
         self.min_time, self.max_time = min_time, max_time
         self.letters_used = letters_used
         self.max_speakers, self.max_triples = max_speakers, max_triples
+        self.min_speakers = min(min_speakers, max_speakers)
         self.slot = 0
         self.triples = 0
         self.last_start = min_time.clone()
@@ -82,6 +100,11 @@ class GrammarState:
             self.letters_used = self.letters_used + new_letter.long()
             self.triples += 1
         self.slot = (self.slot + 1) % 3
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Follow a re-ranking of beams: row r now continues old row `rows[r]`."""
+        for name in ("min_time", "max_time", "letters_used", "last_start", "current_start", "finished"):
+            setattr(self, name, getattr(self, name)[rows])
 
 
 class LogitFilter:
@@ -115,6 +138,8 @@ class SlotFilter(LogitFilter):
         else:
             allowed = is_time | (ids == tok.EOS)
         logits[:, ~allowed] = -torch.inf
+        if state.slot == 0 and state.triples < state.max_triples:
+            logits[state.letters_used < state.min_speakers, tok.EOS] = -torch.inf
         logits[state.finished] = -torch.inf
         logits[state.finished, tok.EOS] = 0.0
 
@@ -164,9 +189,27 @@ class LengthFilter(LogitFilter):
 GRAMMAR = (SlotFilter(), TimeOrderFilter(), TimeRangeFilter(), SpeakerFilter(), LengthFilter())
 
 
-def choose(logits: torch.Tensor, options: DecodingOptions) -> torch.Tensor:
-    """The next token of every item from filtered logits (B, vocab)."""
-    return logits.argmax(dim=-1)
+def choose(logits: torch.Tensor, options: DecodingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of every row from filtered logits (B, vocab): argmax, or a nucleus sample."""
+    if options.strategy != "sample":
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / options.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (always the first one).
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= options.top_p
+    sorted_probs[outside] = 0.0
+    picked = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(1, picked)[:, 0]
+
+
+def rerank_beams(scores: torch.Tensor, logits: torch.Tensor, beam_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One beam-search step. `scores` (B*K,) are the beams' summed log-probabilities, `logits` their
+    filtered next-token logits. Returns the rows each new beam continues, its token and new score."""
+    rows, vocab = logits.shape
+    candidates = scores[:, None] + torch.log_softmax(logits, dim=-1)
+    best, index = candidates.view(rows // beam_size, beam_size * vocab).topk(beam_size, dim=-1)
+    base = torch.arange(rows // beam_size, device=logits.device)[:, None] * beam_size
+    return (base + index // vocab).reshape(-1), (index % vocab).reshape(-1), best.reshape(-1)
 
 
 @torch.no_grad()
@@ -187,7 +230,8 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         if len(a) > max_samples:
             raise NanodrzError(f"input of {len(a) / SAMPLE_RATE:.1f} s is longer than the model's "
                                f"{tok.config.max_seconds:g} s; cut it into chunks")
-    max_speakers = min(options.max_speakers or tok.num_speakers, tok.num_speakers)
+    cap = tok.num_speakers if options.max_speakers is None else options.max_speakers
+    max_speakers = max(1, min(cap, tok.num_speakers))
     encoded = [tok.encode(prompt, []) for prompt in prompts]
     given = [e.tokens[:-1] for e in encoded]
     device = next(model.parameters()).device
@@ -198,28 +242,53 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     tokens, token_lengths = tokens.to(device), token_lengths.to(device)
     max_new = 3 * options.max_triples + 1
     cache, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new)
+    beams = options.beam_size if options.strategy == "beam" else 1
+    if beams > 1:
+        rows = torch.arange(len(audio), device=device).repeat_interleave(beams)
+        cache.reorder(rows)
+        logits, pos = logits[rows], pos[rows]
     state = GrammarState(
         tokenizer=tok,
-        min_time=torch.tensor([tok.time_token(max((t.end for t in p), default=0.0)) for p in prompts], device=device),
-        max_time=torch.tensor([tok.time_token(len(a) / SAMPLE_RATE) for a in audio], device=device),
-        letters_used=torch.tensor([len(e.letters) for e in encoded], device=device),
-        max_speakers=max_speakers, max_triples=options.max_triples)
-    generated, probabilities = [], []
+        min_time=torch.tensor([tok.time_token(max((t.end for t in p), default=0.0)) for p in prompts],
+                              device=device).repeat_interleave(beams),
+        max_time=torch.tensor([tok.time_token(len(a) / SAMPLE_RATE) for a in audio],
+                              device=device).repeat_interleave(beams),
+        letters_used=torch.tensor([len(e.letters) for e in encoded], device=device).repeat_interleave(beams),
+        max_speakers=max_speakers, max_triples=options.max_triples, min_speakers=options.min_speakers)
+    generator = torch.Generator(device=device).manual_seed(options.seed) if options.strategy == "sample" else None
+    # Beam scores start with one live beam per input, so the identical copies do not fill the beam.
+    scores = torch.zeros(len(audio) * beams, device=device)
+    if beams > 1:
+        scores.view(len(audio), beams)[:, 1:] = -torch.inf
+    generated = torch.zeros(len(audio) * beams, 0, dtype=torch.long, device=device)
+    probabilities = torch.zeros(len(audio) * beams, 0, device=device)
+    lengths = torch.zeros(len(audio) * beams, device=device)
     for _ in range(max_new):
         logits = logits.float()
         for grammar_filter in GRAMMAR:
             grammar_filter.apply(logits, state)
-        chosen = choose(logits, options)
-        probabilities.append(torch.softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0])
-        generated.append(chosen)
+        if beams > 1:
+            rows, chosen, scores = rerank_beams(scores, logits, beams)
+            cache.reorder(rows)
+            state.reorder(rows)
+            logits, generated, probabilities, lengths = logits[rows], generated[rows], probabilities[rows], lengths[rows]
+        else:
+            chosen = choose(logits, options, generator)
+        lengths = lengths + (~state.finished).float()
+        probabilities = torch.cat([probabilities, torch.softmax(logits, -1).gather(1, chosen[:, None])], dim=1)
+        generated = torch.cat([generated, chosen[:, None]], dim=1)
         state.update(chosen)
         if bool(state.finished.all()):
             break
         logits = model.step(cache, chosen, pos)
         pos = pos + 1
     model.train(was_training)
-    return [_result(tok, torch.stack(generated, 1)[i].tolist(), torch.stack(probabilities, 1)[i].tolist(),
-                    encoded[i].letters, options) for i in range(len(audio))]
+    if beams > 1:
+        best = (scores / lengths.clamp(min=1)).view(len(audio), beams).argmax(dim=-1)
+        keep = torch.arange(len(audio), device=device) * beams + best
+        generated, probabilities = generated[keep], probabilities[keep]
+    return [_result(tok, generated[i].tolist(), probabilities[i].tolist(), encoded[i].letters, options)
+            for i in range(len(audio))]
 
 
 def _result(tok: Tokenizer, tokens: list[int], probabilities: list[float], letters: dict[str, str],

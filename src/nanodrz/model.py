@@ -106,6 +106,12 @@ class KVCache:
         self.length = 0
         self.table: torch.Tensor | None = None
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.pos, self.valid, self.audio = self.pos[rows], self.valid[rows], self.audio[rows]
+
     def append(self, pos: torch.Tensor, valid: torch.Tensor, audio: torch.Tensor) -> slice:
         new = slice(self.length, self.length + pos.shape[1])
         if new.stop > self.pos.shape[1]:

@@ -1,0 +1,589 @@
+"""Diarize recordings of any length: chunks, speaker prompts, stitching, enrollment; `nanodrz diarize`.
+
+A recording is cut into consecutive chunks as long as the longest chunk the model was trained on.
+Every chunk after the first is preceded by a prompt: a clip of each speaker known so far (its clearest
+single-speaker stretch from any earlier chunk), 200 ms of silence between clips, and the prompt
+triples that letter them, so the model writes the same letter for the same voice (the layout is
+`examples.assemble_prompted_input`, shared with training). Turns that cross a chunk boundary are
+joined. Audio is read in chunk-sized blocks and only one clip per speaker is kept, so memory stays
+bounded for recordings of hours.
+
+When more speakers are known than the prompt has room for (the model's input length minus the
+chunk, at most the number of prompt clips seen in training), clips are first shortened down to the
+shortest clip seen in training; beyond that, the speakers heard most recently are prompted. A speaker
+left out who speaks again gets a new label: that is the known limit of prompting without embeddings.
+
+Enrollment (`--enroll NAME=clip.wav`) puts named clips in the prompt from the first chunk on, so those
+voices come out under their names; other voices get letters A, B, ... by first appearance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from pyannote.core import Annotation
+from tqdm import tqdm
+
+from nanodrz.annotation import Turn, format_rttm, sort_turns, to_annotation
+from nanodrz.audio import SAMPLE_RATE, load_audio, to_mono
+from nanodrz.checkpoint import build_model, load_checkpoint
+from nanodrz.decoding import DecodingOptions, decode
+from nanodrz.errors import NanodrzError
+from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input
+from nanodrz.fileio import atomic_open
+from nanodrz.model import DiarizationModel
+
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
+MIN_SECONDS = 0.5
+SILENCE_DBFS = -60.0
+SHIPPED_MODEL = Path(__file__).parent / "models" / "default.safetensors"
+
+
+@dataclass
+class DiarizationSettings:
+    """What a user can ask of one run. Speaker counts are over the whole recording."""
+
+    num_speakers: int | None = None
+    min_speakers: int = 0
+    max_speakers: int | None = None
+    exclusive: bool = False
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+
+    def __post_init__(self):
+        if self.num_speakers is not None:
+            if self.num_speakers < 1:
+                raise NanodrzError("--num-speakers must be at least 1")
+            self.min_speakers = self.max_speakers = self.num_speakers
+        if self.min_speakers < 0 or (self.max_speakers is not None and self.max_speakers < 1):
+            raise NanodrzError("speaker counts must be positive")
+        if self.max_speakers is not None and self.min_speakers > self.max_speakers:
+            raise NanodrzError(f"--min-speakers {self.min_speakers} is more than --max-speakers {self.max_speakers}")
+
+
+@dataclass
+class PromptGeometry:
+    """Chunk and prompt sizes the model was trained with (seconds)."""
+
+    chunk_seconds: float
+    max_input_seconds: float
+    clip_seconds: tuple[float, float]
+    max_prompt_speakers: int
+    time_resolution: float
+
+    @classmethod
+    def of(cls, model: DiarizationModel, training_config: dict) -> "PromptGeometry":
+        examples = training_config.get("data", {}).get("examples", {})
+        tok = model.tokenizer.config
+        chunk = float(examples.get("chunk_seconds", (8.0, 15.0))[1])
+        clips = tuple(float(x) for x in examples.get("prompt_clip_seconds", (1.5, 4.0)))
+        # Leave room for at least one prompt clip, or labels could not carry across chunks.
+        room = clips[0] + PROMPT_GAP_SECONDS
+        if tok.max_seconds - room < 1.0:
+            raise NanodrzError(f"the model's {tok.max_seconds:g} s input has no room for a chunk and a prompt clip")
+        return cls(
+            chunk_seconds=min(chunk, tok.max_seconds - room),
+            max_input_seconds=tok.max_seconds,
+            clip_seconds=clips,
+            # Keep one letter free for a voice not heard before.
+            max_prompt_speakers=min(int(examples.get("max_prompt_speakers", 4)), tok.num_speakers - 1),
+            time_resolution=tok.time_resolution,
+        )
+
+
+@dataclass
+class KnownSpeaker:
+    """A voice met so far: its output label, its best clip, and when it last spoke."""
+
+    label: str
+    clip: np.ndarray
+    clip_quality: float
+    last_active: float = -1.0
+    speech_seconds: float = 0.0
+    enrolled: bool = False
+
+
+def iter_chunks(source: str | Path | np.ndarray, chunk_seconds: float) -> Iterator[np.ndarray]:
+    """16 kHz mono chunks of `chunk_seconds` (the last one shorter), read block by block from disk."""
+    chunk = int(round(chunk_seconds * SAMPLE_RATE))
+    if isinstance(source, np.ndarray):
+        for start in range(0, len(source), chunk):
+            yield source[start:start + chunk]
+        return
+    with sf.SoundFile(str(source)) as handle:
+        rate = handle.samplerate
+        resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
+        block = max(1, int(chunk_seconds * rate))
+        pending = np.zeros(0, dtype=np.float32)
+        while True:
+            data = handle.read(block, dtype="float32", always_2d=True)
+            last = len(data) < block
+            mono = to_mono(data) if data.shape[1] > 1 else data[:, 0]
+            if resampler is not None:
+                mono = resampler.resample_chunk(np.ascontiguousarray(mono, dtype=np.float32), last=last)
+            pending = np.concatenate([pending, mono.astype(np.float32)])
+            while len(pending) >= chunk:
+                yield pending[:chunk]
+                pending = pending[chunk:]
+            if last:
+                break
+        if len(pending):
+            yield pending
+
+
+def check_audio_file(path: Path) -> float:
+    """Duration of a readable audio file; one-line errors for unreadable, empty or too short files."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise NanodrzError(f"{path}: cannot read audio ({reason})") from None
+    if info.frames <= 0:
+        raise NanodrzError(f"{path}: empty audio file")
+    duration = info.frames / info.samplerate
+    if duration < MIN_SECONDS:
+        raise NanodrzError(f"{path}: only {duration:.2f} s of audio; at least {MIN_SECONDS} s is needed")
+    return duration
+
+
+def check_chunk(chunk: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(chunk)):
+        raise NanodrzError(f"{name}: audio contains NaN or infinite samples")
+
+
+def single_speaker_stretches(turns: Sequence[Turn], speaker: str) -> list[tuple[float, float]]:
+    """Parts of `speaker`'s turns where nobody else speaks."""
+    others = sorted((t.start, t.end) for t in turns if t.speaker != speaker)
+    stretches = []
+    for turn in turns:
+        if turn.speaker != speaker:
+            continue
+        pieces = [(turn.start, turn.end)]
+        for other_start, other_end in others:
+            pieces = [piece for s, e in pieces for piece in
+                      ((s, min(e, other_start)), (max(s, other_end), e)) if piece[1] - piece[0] > 0]
+        stretches += pieces
+    return stretches
+
+
+class RecordingState:
+    """Long-form progress through one recording: known speakers, turns so far, the chunk stream."""
+
+    def __init__(self, name: str, source: str | Path | np.ndarray, geometry: PromptGeometry,
+                 settings: DiarizationSettings, enrolled: dict[str, np.ndarray]):
+        self.name = name
+        self.geometry = geometry
+        self.settings = settings
+        self.chunks = iter_chunks(source, geometry.chunk_seconds)
+        self.upcoming = next(self.chunks, None)
+        self.offset = 0.0
+        self.turns: list[Turn] = []
+        self.scores: list[float] = []
+        self.known: list[KnownSpeaker] = [
+            KnownSpeaker(name, clip[: int(geometry.clip_seconds[1] * SAMPLE_RATE)], float("inf"), enrolled=True)
+            for name, clip in enrolled.items()
+        ]
+        self.unnamed = 0
+        self.loudest = -np.inf
+        self.current: np.ndarray | None = None
+        self.prompted: list[KnownSpeaker] = []
+        self.prompt_seconds = 0.0
+        self.done = False
+
+    def next_input(self) -> tuple[np.ndarray, list[Turn]] | None:
+        """The next model input (prompt + chunk) and its prompt turns, or None at the end."""
+        chunk, self.upcoming = self.upcoming, (next(self.chunks, None) if self.upcoming is not None else None)
+        if chunk is None:
+            self.done = True
+            return None
+        check_chunk(chunk, self.name)
+        if len(chunk):
+            self.loudest = max(self.loudest, 10 * np.log10(float(np.max(chunk ** 2)) + 1e-12))
+        self.current = chunk
+        self.prompted, clip_seconds = self._choose_prompt(len(chunk) / SAMPLE_RATE)
+        clips = [speaker.clip[: int(clip_seconds * SAMPLE_RATE)] for speaker in self.prompted]
+        audio, prompt = assemble_prompted_input(clips, chunk, PROMPT_GAP_SECONDS)
+        self.prompt_seconds = (len(audio) - len(chunk)) / SAMPLE_RATE
+        return audio, prompt
+
+    def _choose_prompt(self, chunk_seconds: float) -> tuple[list[KnownSpeaker], float]:
+        geometry = self.geometry
+        if not self.known:
+            return [], 0.0
+        budget = geometry.max_input_seconds - chunk_seconds
+        shortest, longest = geometry.clip_seconds
+        fits = int(budget // (shortest + PROMPT_GAP_SECONDS))
+        slots = min(fits, geometry.max_prompt_speakers, len(self.known))
+        if slots <= 0:
+            return [], 0.0
+        ranked = sorted(self.known, key=lambda s: (s.enrolled, s.last_active, s.speech_seconds), reverse=True)
+        chosen = ranked[:slots]
+        clip_seconds = min(longest, budget / len(chosen) - PROMPT_GAP_SECONDS)
+        return chosen, max(shortest, clip_seconds)
+
+    def decoding_options(self) -> DecodingOptions:
+        """Per-chunk speaker caps derived from the recording-level settings (a minimum count is
+        enforced on the last chunk, when every earlier chunk has had its say)."""
+        settings = self.settings
+        is_last_chunk = self.upcoming is None
+        options = DecodingOptions(**{**settings.decoding.__dict__})
+        if settings.max_speakers is not None:
+            room = max(0, settings.max_speakers - len(self.known))
+            options.max_speakers = max(1, len(self.prompted) + room)
+        if is_last_chunk and settings.min_speakers:
+            missing = max(0, settings.min_speakers - len(self.known))
+            options.min_speakers = len(self.prompted) + missing
+        return options
+
+    def absorb(self, turns: Sequence[Turn], scores: Sequence[float]) -> None:
+        """Map a chunk's letters to recording labels, shift times, and update speaker clips."""
+        chunk = self.current
+        chunk_seconds = len(chunk) / SAMPLE_RATE
+        by_letter = {chr(ord("A") + i): speaker for i, speaker in enumerate(self.prompted)}
+        local: list[Turn] = []
+        for turn, score in zip(turns, scores):
+            speaker = by_letter.get(turn.speaker)
+            if speaker is None:
+                speaker = self._new_speaker()
+                by_letter[turn.speaker] = speaker
+            start = min(max(turn.start - self.prompt_seconds, 0.0), chunk_seconds)
+            end = min(max(turn.end - self.prompt_seconds, 0.0), chunk_seconds)
+            if end <= start:
+                continue
+            local.append(Turn(start, end, speaker.label))
+            self.scores.append(float(score))
+            speaker.last_active = max(speaker.last_active, self.offset + end)
+            speaker.speech_seconds += end - start
+        self._update_clips(local, chunk)
+        self.turns += [Turn(self.offset + t.start, self.offset + t.end, t.speaker) for t in local]
+        self.offset += chunk_seconds
+
+    def _new_speaker(self) -> KnownSpeaker:
+        taken = {speaker.label for speaker in self.known}
+        label = letter_label(self.unnamed)
+        while label in taken:
+            self.unnamed += 1
+            label = letter_label(self.unnamed)
+        self.unnamed += 1
+        speaker = KnownSpeaker(label, np.zeros(0, dtype=np.float32), 0.0)
+        self.known.append(speaker)
+        return speaker
+
+    def _update_clips(self, local: list[Turn], chunk: np.ndarray) -> None:
+        longest = self.geometry.clip_seconds[1]
+        for speaker in self.known:
+            if speaker.enrolled:
+                continue
+            for start, end in single_speaker_stretches(local, speaker.label):
+                # Keep away from the stretch edges, where the boundary estimate is least sure.
+                margin = min(0.1, (end - start) / 4)
+                start, end = start + margin, end - margin
+                quality = min(end - start, longest)
+                if quality > speaker.clip_quality:
+                    begin = int(start * SAMPLE_RATE)
+                    speaker.clip = chunk[begin: begin + int(quality * SAMPLE_RATE)].copy()
+                    speaker.clip_quality = quality
+
+    def result(self) -> tuple[list[Turn], list[float]]:
+        if self.loudest < SILENCE_DBFS:
+            raise NanodrzError(f"{self.name}: the audio is silent (peak below {SILENCE_DBFS:g} dBFS)")
+        return stitch(self.turns, self.scores, 2 * self.geometry.time_resolution)
+
+
+def letter_label(index: int) -> str:
+    """A, B, ..., Z, AA, AB, ... for unnamed speakers."""
+    label = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        label = chr(ord("A") + rest) + label
+    return label
+
+
+def stitch(turns: Sequence[Turn], scores: Sequence[float], gap: float) -> tuple[list[Turn], list[float]]:
+    """Join same-speaker turns that overlap or are less than `gap` apart (e.g. cut by a chunk boundary)."""
+    merged: list[Turn] = []
+    merged_scores: list[float] = []
+    last_of: dict[str, int] = {}
+    for turn, score in sorted(zip(turns, scores), key=lambda pair: (pair[0].start, pair[0].end)):
+        index = last_of.get(turn.speaker)
+        if index is not None and turn.start - merged[index].end < gap:
+            previous = merged[index]
+            merged[index] = Turn(previous.start, max(previous.end, turn.end), turn.speaker)
+            merged_scores[index] = max(merged_scores[index], score)
+            continue
+        last_of[turn.speaker] = len(merged)
+        merged.append(turn)
+        merged_scores.append(score)
+    order = sorted(range(len(merged)), key=lambda i: (merged[i].start, merged[i].end, merged[i].speaker))
+    return [merged[i] for i in order], [merged_scores[i] for i in order]
+
+
+def exclusive(turns: Sequence[Turn], scores: Sequence[float]) -> list[Turn]:
+    """One speaker at a time: overlapped stretches go to the turn the model was most sure of
+    (ties: the turn that started first), as ASR word alignment needs."""
+    bounds = sorted({t.start for t in turns} | {t.end for t in turns})
+    pieces: list[Turn] = []
+    for left, right in zip(bounds, bounds[1:]):
+        active = [(score, -turn.start, turn.speaker) for turn, score in zip(turns, scores)
+                  if turn.start <= left and turn.end >= right]
+        if not active:
+            continue
+        speaker = max(active)[2]
+        if pieces and pieces[-1].speaker == speaker and abs(pieces[-1].end - left) < 1e-9:
+            pieces[-1] = Turn(pieces[-1].start, right, speaker)
+        else:
+            pieces.append(Turn(left, right, speaker))
+    return pieces
+
+
+class Diarizer:
+    """A loaded model, ready to diarize paths or arrays (load once, call many times).
+
+    >>> diarizer = Diarizer.from_pretrained()
+    >>> annotation = diarizer("meeting.wav")
+    """
+
+    def __init__(self, model: DiarizationModel, training_config: dict | None = None, decode_fn=decode):
+        self.model = model.eval()
+        self.geometry = PromptGeometry.of(model, training_config or {})
+        self.decode_fn = decode_fn
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "Diarizer":
+        """Load a checkpoint (default: the model shipped inside the package)."""
+        path = Path(path) if path is not None else SHIPPED_MODEL
+        if path == SHIPPED_MODEL and not path.is_file():
+            raise NanodrzError("no model is shipped in this installation; pass --model PATH to a trained checkpoint")
+        try:
+            torch_device = torch.device(device)
+        except RuntimeError:
+            raise NanodrzError(f"unknown device {device!r}") from None
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise NanodrzError("--device cuda was asked for but no CUDA GPU is available")
+        checkpoint = load_checkpoint(path)
+        return cls(build_model(checkpoint).to(torch_device), checkpoint.config)
+
+    def __call__(self, audio: str | Path | np.ndarray, settings: DiarizationSettings | None = None,
+                 enroll: dict[str, str | Path | np.ndarray] | None = None, uri: str | None = None) -> Annotation:
+        """Diarize one recording (a path, or a 16 kHz mono float array) into a pyannote Annotation."""
+        name = uri or (Path(audio).stem if not isinstance(audio, np.ndarray) else "audio")
+        [(_, outcome)] = self.diarize_many([(name, audio)], settings, enroll, batch_size=1)
+        if isinstance(outcome, NanodrzError):
+            raise outcome
+        return to_annotation(outcome, uri=name)
+
+    def diarize_many(self, recordings: Sequence[tuple[str, str | Path | np.ndarray]],
+                     settings: DiarizationSettings | None = None,
+                     enroll: dict[str, str | Path | np.ndarray] | None = None,
+                     batch_size: int = 8, progress: bool = False) -> Iterator[tuple[str, list[Turn] | NanodrzError]]:
+        """Diarize many recordings, batching the current chunk of up to `batch_size` recordings together.
+
+        Yields (name, turns) per recording in input order, or (name, NanodrzError) for a recording that
+        could not be processed; one bad file never stops the others.
+        """
+        settings = settings or DiarizationSettings()
+        if batch_size < 1:
+            raise NanodrzError("--batch-size must be at least 1")
+        enrolled = {name: self._enrollment_clip(name, clip) for name, clip in (enroll or {}).items()}
+        if len(enrolled) > self.geometry.max_prompt_speakers:
+            raise NanodrzError(f"at most {self.geometry.max_prompt_speakers} enrolled speakers fit in this model's prompt")
+        bar = tqdm(total=len(recordings), unit="file", disable=not progress, file=sys.stderr)
+        for first in range(0, len(recordings), batch_size):
+            group = recordings[first:first + batch_size]
+            outcomes: dict[str, list[Turn] | NanodrzError] = {}
+            states: list[RecordingState] = []
+            for name, source in group:
+                try:
+                    if not isinstance(source, np.ndarray):
+                        check_audio_file(Path(source))
+                    elif len(source) < MIN_SECONDS * SAMPLE_RATE:
+                        raise NanodrzError(f"{name}: shorter than {MIN_SECONDS} s")
+                    states.append(RecordingState(name, source, self.geometry, settings, enrolled))
+                except NanodrzError as error:
+                    outcomes[name] = error
+            self._run(states, outcomes)
+            for name, _ in group:
+                bar.update(1)
+                yield name, outcomes[name]
+        bar.close()
+
+    def _run(self, states: list[RecordingState], outcomes: dict[str, list[Turn] | NanodrzError]) -> None:
+        active = list(states)
+        while active:
+            inputs, ready = [], []
+            for state in active:
+                try:
+                    item = state.next_input()
+                except (NanodrzError, sf.LibsndfileError, RuntimeError) as error:
+                    outcomes[state.name] = error if isinstance(error, NanodrzError) else \
+                        NanodrzError(f"{state.name}: cannot read audio ({str(error).splitlines()[0]})")
+                    state.done = True
+                    continue
+                if item is None:
+                    try:
+                        outcomes[state.name] = self._finish(state)
+                    except NanodrzError as error:
+                        outcomes[state.name] = error
+                    continue
+                inputs.append(item)
+                ready.append(state)
+            active = [state for state in ready if not state.done]
+            if not ready:
+                break
+            # Items of one batch share decoding options; group by them (usually all equal).
+            groups: dict[str, list[int]] = {}
+            options_of = [state.decoding_options() for state in ready]
+            for index, options in enumerate(options_of):
+                groups.setdefault(json.dumps(options.__dict__, sort_keys=True, default=str), []).append(index)
+            for indices in groups.values():
+                results = self.decode_fn(self.model, [inputs[i][0] for i in indices], [inputs[i][1] for i in indices],
+                                 options_of[indices[0]])
+                for i, result in zip(indices, results):
+                    ready[i].absorb(result.turns, result.scores)
+
+    def _finish(self, state: RecordingState) -> list[Turn]:
+        turns, scores = state.result()
+        if state.settings.min_speakers and len({t.speaker for t in turns}) < state.settings.min_speakers:
+            print(f"nanodrz diarize: warning: {state.name}: found {len({t.speaker for t in turns})} speakers, "
+                  f"fewer than the {state.settings.min_speakers} asked for", file=sys.stderr)
+        return exclusive(turns, scores) if state.settings.exclusive else turns
+
+    def _enrollment_clip(self, name: str, clip: str | Path | np.ndarray) -> np.ndarray:
+        audio = clip if isinstance(clip, np.ndarray) else load_audio(clip)
+        if len(audio) < MIN_SECONDS * SAMPLE_RATE:
+            raise NanodrzError(f"enrollment clip for {name!r} is shorter than {MIN_SECONDS} s")
+        return np.asarray(audio, dtype=np.float32)
+
+
+# --- command line ---------------------------------------------------------------------------------
+def find_audio(paths: Iterable[str]) -> tuple[list[Path], list[NanodrzError]]:
+    """Expand directories (recursively) into audio files; a path that yields nothing is an error."""
+    files, errors = [], []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+            if not found:
+                errors.append(NanodrzError(f"{path}: directory holds no audio files"))
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            errors.append(NanodrzError(f"{path}: no such file or directory"))
+    return files, errors
+
+
+def parse_enrollment(values: Sequence[str]) -> dict[str, str]:
+    enroll = {}
+    for value in values:
+        name, sep, clip = value.partition("=")
+        if not sep or not name or not clip:
+            raise NanodrzError(f"--enroll {value!r} must look like NAME=clip.wav")
+        if name in enroll:
+            raise NanodrzError(f"--enroll names {name!r} twice")
+        if not Path(clip).is_file():
+            raise NanodrzError(f"--enroll {name}: no such file {clip}")
+        enroll[name] = clip
+    return enroll
+
+
+def write_outputs(name: str, turns: list[Turn], out_dir: Path | None, formats: set[str], plot: bool) -> None:
+    uri = name.replace(" ", "_")
+    if out_dir is None:
+        if "rttm" in formats:
+            sys.stdout.write(format_rttm(turns, uri))
+        if "json" in formats:
+            sys.stdout.write(json.dumps(turns_to_json(uri, turns)) + "\n")
+    else:
+        if "rttm" in formats:
+            with atomic_open(out_dir / f"{uri}.rttm") as handle:
+                handle.write(format_rttm(turns, uri))
+        if "json" in formats:
+            with atomic_open(out_dir / f"{uri}.json") as handle:
+                json.dump(turns_to_json(uri, turns), handle, indent=2)
+                handle.write("\n")
+    if plot:
+        from nanodrz.plots import plot_timeline
+
+        plot_timeline({"hypothesis": turns}, (out_dir or Path(".")) / f"{uri}.png", title=uri)
+
+
+def turns_to_json(uri: str, turns: list[Turn]) -> dict:
+    return {
+        "uri": uri,
+        "speakers": sorted({t.speaker for t in turns}),
+        "turns": [{"start": round(t.start, 3), "end": round(t.end, 3), "speaker": t.speaker} for t in turns],
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="AUDIO_OR_DIR", help="audio files or directories")
+    parser.add_argument("--out", type=Path, help="write NAME.rttm/.json/.png here (default: RTTM to stdout)")
+    parser.add_argument("--format", default="rttm", help="comma-separated output formats: rttm, json")
+    parser.add_argument("--plot", action="store_true", help="also write a timeline plot NAME.png")
+    parser.add_argument("--model", type=Path, help="checkpoint .safetensors (default: the shipped model)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=8, help="recordings decoded together")
+    parser.add_argument("--num-speakers", type=int, help="exact number of speakers, when known")
+    parser.add_argument("--min-speakers", type=int, default=0)
+    parser.add_argument("--max-speakers", type=int)
+    parser.add_argument("--exclusive", action="store_true", help="at most one speaker at a time (for ASR alignment)")
+    parser.add_argument("--enroll", action="append", default=[], metavar="NAME=CLIP",
+                        help="name a speaker from an enrollment clip (repeatable)")
+    parser.add_argument("--decoding", choices=("greedy", "beam", "sample"), default="greedy")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0, help="seed for --decoding sample")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    formats = {f.strip() for f in args.format.split(",") if f.strip()}
+    unknown = formats - {"rttm", "json"}
+    if unknown or not formats:
+        raise NanodrzError(f"--format takes rttm and/or json, not {', '.join(sorted(unknown)) or 'nothing'}")
+    decoding = DecodingOptions(strategy=args.decoding, beam_size=args.beam_size, temperature=args.temperature,
+                               top_p=args.top_p, seed=args.seed)
+    settings = DiarizationSettings(num_speakers=args.num_speakers, min_speakers=args.min_speakers,
+                                   max_speakers=args.max_speakers, exclusive=args.exclusive, decoding=decoding)
+    enroll = parse_enrollment(args.enroll)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise NanodrzError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    files, errors = find_audio(args.inputs)
+    diarizer = Diarizer.from_pretrained(args.model, args.device)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    names = unique_names(files)
+    recordings = list(zip(names, files))
+    for name, outcome in diarizer.diarize_many(recordings, settings, enroll, args.batch_size,
+                                               progress=len(recordings) > 1):
+        if isinstance(outcome, NanodrzError):
+            errors.append(outcome)
+            continue
+        write_outputs(name, outcome, args.out, formats, args.plot)
+    for error in errors:
+        print(f"nanodrz diarize: error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def unique_names(files: Sequence[Path]) -> list[str]:
+    """File stems, made unique (a/x.wav and b/x.wav become x and x-2) so outputs never overwrite."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in files:
+        stem = path.stem.replace(" ", "_")
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
