@@ -183,6 +183,11 @@ class DiarizationModel(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith(("attention.out.weight", "mlp.2.weight")):
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * config.n_layers))
+        if self.time_projection is not None:
+            # Sinusoid features have unit size per pair; this starts P(t) at the 0.02 scale of the
+            # embeddings. At 0.02 per weight, P(t) would be ten times larger and, through the tied
+            # output layer, start training with a loss of ~25 instead of ~log(vocab).
+            nn.init.normal_(self.time_projection.weight, std=0.02 * math.sqrt(2 / config.d_model))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
