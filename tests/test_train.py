@@ -120,7 +120,7 @@ def test_tiny_training_run_learns_and_writes_its_outputs(tiny_bank, tmp_path):
     for name in ("last.safetensors", "last.state.pt", "best.safetensors", "loss_curve.png", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert any((run_dir / "tensorboard").iterdir())
-    assert 0.0 <= result["val_der"] and "val_der_clean" in result
+    assert 0.0 <= result["val_der"] and "val_der_clean" in result and "val_prompted_ier" in result
     model = load_model(run_dir / "best.safetensors")
     assert model.tokenizer.spec() == Tokenizer(tiny_config(tiny_bank, run_dir).tokenizer).spec()
 

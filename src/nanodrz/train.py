@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from nanodrz.annotation import to_annotation
+from nanodrz.annotation import Turn, to_annotation
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.bank import Bank
 from nanodrz.checkpoint import load_checkpoint, load_weights, save_checkpoint, weights_path
@@ -226,14 +226,21 @@ def check_resume_compatible(checkpoint_config: dict[str, Any], config: Config) -
 def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size: int, max_triples: int,
              device: torch.device, autocast: Any) -> dict[str, float]:
     """Loss (teacher forcing) and DER of greedy decoding (collar 0, overlap scored, scored over the
-    chunk only), over all validation examples and per preset."""
+    chunk only), over all validation examples and per preset.
+
+    DER maps hypothesis to reference speakers optimally, so it cannot see a prompted speaker given the
+    wrong letter. `val_prompted_ier` scores the letters as written (identification error rate, same
+    conditions) on the prompted examples: the error long-form stitching inherits.
+    """
     from pyannote.core import Segment, Timeline
     from pyannote.metrics.diarization import DiarizationErrorRate
+    from pyannote.metrics.identification import IdentificationErrorRate
 
     model.eval()
     tokenizer = model.tokenizer
     options = DecodingOptions(max_triples=max_triples)
     total = DiarizationErrorRate(collar=0.0, skip_overlap=False)
+    prompted = IdentificationErrorRate(collar=0.0, skip_overlap=False)
     loss_sum, weight_sum = 0.0, 0.0
     metrics = {}
     for name, examples in sets.items():
@@ -253,8 +260,13 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
                 reference, hypothesis = to_annotation(example.turns, uri), to_annotation(result.turns, uri)
                 for metric in (total, per_preset):
                     metric(reference, hypothesis, uem=uem)
+                if example.prompt:
+                    letters = example.encode(tokenizer).letters
+                    lettered = [Turn(t.start, t.end, letters[t.speaker]) for t in example.turns]
+                    prompted(to_annotation(lettered, uri), hypothesis, uem=uem)
         metrics[f"val_der_{name}"] = abs(per_preset)
-    return {"val_loss": loss_sum / max(weight_sum, 1e-8), "val_der": abs(total), **metrics}
+    return {"val_loss": loss_sum / max(weight_sum, 1e-8), "val_der": abs(total),
+            "val_prompted_ier": abs(prompted), **metrics}
 
 
 # --- logging --------------------------------------------------------------------------------------
@@ -297,17 +309,21 @@ class RunLog:
 
         records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        val = [(r["step"], r["val_loss"], r["val_der"]) for r in records if "val_loss" in r]
-        figure, (loss_axis, der_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        val = [r for r in records if "val_loss" in r]
+        figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(11, 4))
         if train:
             loss_axis.plot(*zip(*train), label="train", alpha=0.8)
         if val:
-            steps, losses, ders = zip(*val)
-            loss_axis.plot(steps, losses, "o-", label="validation")
-            der_axis.plot(steps, [100 * d for d in ders], "o-", color="C2")
+            steps = [r["step"] for r in val]
+            loss_axis.plot(steps, [r["val_loss"] for r in val], "o-", label="validation")
+            error_axis.plot(steps, [100 * r["val_der"] for r in val], "o-", color="C2", label="DER")
+            ier = [(r["step"], 100 * r["val_prompted_ier"]) for r in val if "val_prompted_ier" in r]
+            if ier:
+                error_axis.plot(*zip(*ier), "s--", color="C3", label="prompted, letters as written (IER)")
+            error_axis.legend()
         loss_axis.set(xlabel="step", ylabel="cross-entropy per answer token", yscale="log", title="loss")
         loss_axis.legend()
-        der_axis.set(xlabel="step", ylabel="DER % (collar 0, overlap scored)", title="validation DER")
+        error_axis.set(xlabel="step", ylabel="% (collar 0, overlap scored)", title="validation errors")
         figure.tight_layout()
         with atomic_open(self.run_dir / "loss_curve.png", "wb") as handle:
             figure.savefig(handle, format="png", dpi=100)
