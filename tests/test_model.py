@@ -8,11 +8,11 @@ from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 SR = 16000
 
 
-def make_model(attention: str = "prefix", time_embedding: bool = True) -> DiarizationModel:
+def make_model(attention: str = "prefix", time_embedding: bool = True, rope_fraction: float = 1.0) -> DiarizationModel:
     torch.manual_seed(0)
     tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
     config = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_mels=40, attention=attention,
-                         time_embedding=time_embedding)
+                         time_embedding=time_embedding, rope_fraction=rope_fraction)
     return DiarizationModel(config, tokenizer).eval()
 
 
@@ -80,9 +80,9 @@ def test_late_audio_reaches_early_audio_only_in_prefix_mode(attention):
     assert not torch.allclose(a[:, -9:], b[:, -9:])  # tokens always see all audio
 
 
-@pytest.mark.parametrize("attention", ["prefix", "causal"])
-def test_padding_does_not_change_results(attention):
-    model = make_model(attention)
+@pytest.mark.parametrize("attention, rope_fraction", [("prefix", 1.0), ("causal", 1.0), ("prefix", 0.5)])
+def test_padding_does_not_change_results(attention, rope_fraction):
+    model = make_model(attention, rope_fraction=rope_fraction)
     audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(3), model)
     with torch.no_grad():
         batched = model(audio, audio_lengths, tokens, token_lengths)
@@ -92,9 +92,9 @@ def test_padding_does_not_change_results(attention):
             torch.testing.assert_close(batched[i, :m], alone[0], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("time_embedding", [True, False])
-def test_kv_cache_generation_equals_full_recomputation(time_embedding):
-    model = make_model(time_embedding=time_embedding)
+@pytest.mark.parametrize("time_embedding, rope_fraction", [(True, 1.0), (False, 1.0), (True, 0.5)])
+def test_kv_cache_generation_equals_full_recomputation(time_embedding, rope_fraction):
+    model = make_model(time_embedding=time_embedding, rope_fraction=rope_fraction)
     audio, audio_lengths, tokens, _ = random_batch(torch.Generator().manual_seed(4), model)
     prompt_lengths = torch.tensor([3, 1])
     cache, logits, pos = model.prefill(audio, audio_lengths, tokens[:, :3], prompt_lengths, max_new_tokens=6)

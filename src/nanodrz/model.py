@@ -9,7 +9,8 @@ One sequence per example: audio positions (from the front end), then tokens
 * Positions are rotary (RoPE) on explicit per-item position ids: audio frame i is at i, token j at
   (number of audio frames of that item) + j. Batches are padded, but every item sees exactly the
   relative positions it would see alone, and padded slots are masked as keys, so padding never
-  changes a result.
+  changes a result. `rope_fraction` < 1 rotates only part of each head, leaving the rest free to
+  match content across any distance (a token looking up the frames at the time it names, below).
 * Time tokens know where they point (`time_embedding: true`): the embedding of time token k is a
   learned vector plus P(k * resolution), where P(t) is a learned projection of a sinusoid of t seconds;
   audio frame i gets P(i / frame_rate) added. A time token and the frames at that time therefore start
@@ -48,12 +49,15 @@ class ModelConfig:
     attention: Literal["prefix", "causal"] = "prefix"
     time_embedding: bool = True
     rope_base: float = 10000.0
+    rope_fraction: float = 1.0
 
     def __post_init__(self):
         if self.front_end not in FRONT_ENDS:
             raise ValueError(f"unknown front_end {self.front_end!r} (choose from {', '.join(FRONT_ENDS)})")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model must divide into n_heads heads of even size")
+        if not 0.0 <= self.rope_fraction <= 1.0:
+            raise ValueError("rope_fraction must lie in [0, 1]")
 
 
 def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -63,14 +67,16 @@ def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> tor
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate (B, H, L, hd) queries or keys by their (B, L) positions (RoPE, rotate-half layout)."""
-    half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float, fraction: float = 1.0) -> torch.Tensor:
+    """Rotate the first `fraction` of the dims of (B, H, L, hd) queries or keys by their (B, L) positions
+    (RoPE, rotate-half layout); the other dims pass unrotated."""
+    rotated = int(x.shape[-1] * fraction) // 2 * 2
+    half = rotated // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / max(half, 1))
     angles = positions.float()[:, None, :, None] * freqs
     cos, sin = torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2, rest = x[..., :half], x[..., half:rotated], x[..., rotated:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
@@ -125,7 +131,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads = config.n_heads
-        self.rope_base = config.rope_base
+        self.rope_base, self.rope_fraction = config.rope_base, config.rope_fraction
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
@@ -134,7 +140,7 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0, slots: slice | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        q, k = rotary(q, pos, self.rope_base, self.rope_fraction), rotary(k, pos, self.rope_base, self.rope_fraction)
         if cache is not None:
             cache.keys[layer][:, :, slots] = k
             cache.values[layer][:, :, slots] = v
