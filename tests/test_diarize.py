@@ -241,3 +241,17 @@ def test_python_api_returns_an_annotation(tiny_checkpoint):
     audio = (np.random.default_rng(2).standard_normal(16000 * 3) * 0.1).astype(np.float32)
     annotation = diarizer(audio, uri="meeting")
     assert annotation.uri == "meeting"
+
+
+def test_shipped_model_diarizes_the_example_conversation():
+    from pathlib import Path
+
+    from nanodrz.diarize import SHIPPED_MODEL
+    from nanodrz.evaluate import score
+
+    assert SHIPPED_MODEL.is_file(), "the package must ship a default model"
+    root = Path(__file__).resolve().parents[1] / "examples"
+    turns = from_annotation(Diarizer.from_pretrained()(root / "conversation.wav"))
+    assert len({t.speaker for t in turns}) >= 2
+    report = score(read_rttm(root / "conversation.rttm"), {"conversation": turns})
+    assert report.der(0.0) < 0.9
