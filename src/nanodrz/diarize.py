@@ -38,7 +38,7 @@ from nanodrz.audio import SAMPLE_RATE, load_audio, to_mono
 from nanodrz.checkpoint import build_model, load_checkpoint
 from nanodrz.decoding import DecodingOptions, decode
 from nanodrz.errors import NanodrzError
-from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input
+from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
 
@@ -157,21 +157,6 @@ def check_audio_file(path: Path) -> float:
 def check_chunk(chunk: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(chunk)):
         raise NanodrzError(f"{name}: audio contains NaN or infinite samples")
-
-
-def single_speaker_stretches(turns: Sequence[Turn], speaker: str) -> list[tuple[float, float]]:
-    """Parts of `speaker`'s turns where nobody else speaks."""
-    others = sorted((t.start, t.end) for t in turns if t.speaker != speaker)
-    stretches = []
-    for turn in turns:
-        if turn.speaker != speaker:
-            continue
-        pieces = [(turn.start, turn.end)]
-        for other_start, other_end in others:
-            pieces = [piece for s, e in pieces for piece in
-                      ((s, min(e, other_start)), (max(s, other_end), e)) if piece[1] - piece[0] > 0]
-        stretches += pieces
-    return stretches
 
 
 class RecordingState:

@@ -136,12 +136,12 @@ def _subtract(intervals: list[tuple[float, float]], cuts: list[tuple[float, floa
     return result
 
 
-def single_speaker_stretches(turns: Sequence[Turn], speaker: str, excluded: tuple[float, float],
-                             merge_gap: float) -> list[tuple[float, float]]:
-    """Where `speaker` talks and nobody else does, outside the `excluded` window."""
+def single_speaker_stretches(turns: Sequence[Turn], speaker: str, excluded: tuple[float, float] | None = None,
+                             merge_gap: float = 0.0) -> list[tuple[float, float]]:
+    """Where `speaker` talks and nobody else does, outside the `excluded` window (if any)."""
     own = _merge([(t.start, t.end) for t in turns if t.speaker == speaker], merge_gap)
     others = [(t.start, t.end) for t in turns if t.speaker != speaker]
-    return _subtract(own, others + [excluded])
+    return _subtract(own, others + ([excluded] if excluded else []))
 
 
 def build_example(conversation: Conversation, config: ExampleConfig, max_seconds: float,
