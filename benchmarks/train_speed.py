@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.config import load_config
 from nanodrz.examples import ExampleStream
+from nanodrz.features import bf16_is_fast
 from nanodrz.model import DiarizationModel, sequence_loss
 from nanodrz.paths import default_bank_dir
 from nanodrz.tokenizer import Tokenizer
@@ -53,7 +54,7 @@ def main() -> None:
     model = DiarizationModel(config.model, tokenizer).to(env.device)
     net = torch.compile(model) if config.train.compile else model
     optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr)
-    use_bf16 = config.train.bf16 and env.device.type == "cuda"
+    use_bf16 = config.train.bf16 and bf16_is_fast(env.device)
 
     def step(batch: dict) -> None:
         batch = {k: v.to(env.device) for k, v in batch.items()}

@@ -9,7 +9,7 @@ import pytest
 from nanodrz import cli
 from nanodrz.annotation import Turn, write_rttm
 from nanodrz.errors import NanodrzError
-from nanodrz.evaluate import load_turns, read_uem, score
+from nanodrz.evaluate import label_consistency, load_turns, read_uem, score
 
 # Reference: A speaks 0-10 s, B 10-20 s.
 REFERENCE = [Turn(0, 10, "A"), Turn(10, 20, "B")]
@@ -163,3 +163,16 @@ def test_bad_inputs_are_one_line_errors_with_status_2(case, tmp_path, monkeypatc
     assert status == 2
     assert captured.err.startswith("nanodrz evaluate: error: ")
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_label_consistency_counts_time_after_a_label_swap_as_inconsistent():
+    reference = [Turn(10.0 * i, 10.0 * i + 9.0, "x" if i % 2 == 0 else "y") for i in range(12)]
+    kept = [Turn(t.start, t.end, {"x": "A", "y": "B"}[t.speaker]) for t in reference]
+    assert label_consistency(reference, kept) == (108.0, 108.0)
+    # From 60 s on, the system calls x "B" and y "A": the file-wide mapping keeps one half, loses the other.
+    swapped = [Turn(t.start, t.end, ({"x": "A", "y": "B"} if t.start < 60 else {"x": "B", "y": "A"})[t.speaker])
+               for t in reference]
+    assert label_consistency(reference, swapped) == (54.0, 108.0)
+    # One window covering the whole file is consistent by construction; no hypothesis counts nothing.
+    assert label_consistency(reference, swapped, window=200.0) == (108.0, 108.0)
+    assert label_consistency(reference, []) == (0.0, 0.0)

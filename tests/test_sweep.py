@@ -21,9 +21,9 @@ from nanodrz.audio import SAMPLE_RATE, load_audio
 from nanodrz.cli import main
 from nanodrz.decoding import DecodingResult
 from nanodrz.diarize import Diarizer
-from nanodrz.evaluate import score
+from nanodrz.evaluate import label_consistency, score
 from nanodrz.simulate import load_preset
-from nanodrz.sweep import AXES, BASE_OVERRIDES, BASE_PRESET, file_count
+from nanodrz.sweep import AXES, BASE_OVERRIDES, BASE_PRESET, CONSISTENCY_WINDOW, file_count
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "pyannote-sample"
 FRAME_SECONDS = 0.04
@@ -150,6 +150,10 @@ def test_sweep_report_results_and_reused_sets(tiny_bank, tiny_checkpoint, tmp_pa
             exact = np.mean([len({t.speaker for t in hypotheses.get(uri, [])}) == len({t.speaker for t in turns})
                              for uri, turns in references.items()])
             assert ours["speaker_count_exact"] == pytest.approx(exact)
+            pieces = [label_consistency(turns, hypotheses.get(uri, []), CONSISTENCY_WINDOW)
+                      for uri, turns in references.items() if max(t.end for t in turns) > CONSISTENCY_WINDOW]
+            counted = sum(n for _, n in pieces)
+            assert ours["label_consistency"] == (sum(c for c, _ in pieces) / counted if counted else None)
             assert ours["real_time_factor"] > 0
             ders.append(ours["total"]["der"][0]["der"])
             if group["name"] == "overlap":

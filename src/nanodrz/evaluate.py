@@ -199,6 +199,36 @@ def score(
     )
 
 
+def label_consistency(reference_turns: list[Turn], hypothesis_turns: list[Turn],
+                      window: float = 30.0) -> tuple[float, float]:
+    """How consistently a system keeps its labels over a long file, as (consistent, counted) seconds.
+
+    The file is cut into `window`-second pieces. In each piece, every hypothesis label is matched to a
+    reference speaker by the piece's own optimal mapping, and to one by the file-wide optimal mapping
+    (the one DER uses); its speech in the piece counts as consistent when both agree. A label that
+    switches to another voice halfway through, or two labels for one voice in different chunks, shows
+    up as inconsistent time, even where a per-piece DER would look fine. Labels the piece's mapping
+    leaves unmatched are not counted.
+    """
+    reference, hypothesis = to_annotation(reference_turns, "file"), to_annotation(hypothesis_turns, "file")
+    if not hypothesis_turns or not reference_turns:
+        return 0.0, 0.0
+    metric = DiarizationErrorRate()
+    file_wide = metric.optimal_mapping(reference, hypothesis)
+    end = max(turn.end for turn in [*reference_turns, *hypothesis_turns])
+    consistent = counted = 0.0
+    for start in range(0, int(math.ceil(end / window))):
+        piece = Segment(start * window, min((start + 1) * window, end))
+        local_reference, local_hypothesis = reference.crop(piece), hypothesis.crop(piece)
+        if not local_reference.labels() or not local_hypothesis.labels():
+            continue
+        for label, speaker in metric.optimal_mapping(local_reference, local_hypothesis).items():
+            seconds = local_hypothesis.label_duration(label)
+            counted += seconds
+            consistent += seconds if file_wide.get(label) == speaker else 0.0
+    return consistent, counted
+
+
 def load_turns(path: str | Path, role: str) -> dict[str, list[Turn]]:
     """Read one RTTM holding many files, or a directory of *.rttm; files are keyed by the RTTM file id.
 

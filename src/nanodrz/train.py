@@ -35,12 +35,13 @@ from tqdm import tqdm
 from nanodrz.annotation import Turn, to_annotation
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.bank import Bank
-from nanodrz.checkpoint import load_checkpoint, load_weights, save_checkpoint, weights_path
+from nanodrz.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint, weights_path
 from nanodrz.config import load_config, to_dict
 from nanodrz.decoding import DecodingOptions, decode
 from nanodrz.errors import NanodrzError
 from nanodrz.examples import (Example, ExampleConfig, ExampleStream, StreamConfig, adapt_preset, collate,
                               example_item, fixed_examples)
+from nanodrz.features import bf16_is_fast
 from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel, ModelConfig, sequence_loss
 from nanodrz.paths import default_bank_dir
@@ -92,6 +93,10 @@ class RunConfig:
     stop_at_step / max_minutes end this session early, with a checkpoint, while the learning-rate
     schedule still spans `steps`: a long run can be split over short sessions (e.g. 10-minute GPU
     calls) with `--resume`, and gives the same result as one session.
+
+    init_from: a checkpoint whose weights start a new run (fine-tuning, or growing a model by a new
+    part): every parameter whose name and shape match is copied, the others keep their initialisation;
+    the optimizer and schedule start fresh. bf16: autocast on CUDA, and on CPUs with native bfloat16.
     """
 
     steps: int = 5000
@@ -108,6 +113,7 @@ class RunConfig:
     wandb_project: str = "nanodrz"
     stop_at_step: int | None = None
     max_minutes: float | None = None
+    init_from: str | None = None
 
 
 @dataclass
@@ -213,6 +219,19 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def initialise_from(model: DiarizationModel, checkpoint: Checkpoint) -> int:
+    """Copy the checkpoint's tensors that fit `model` by name and shape; returns how many."""
+    if Tokenizer.from_spec(checkpoint.tokenizer_spec).spec() != model.tokenizer.spec():
+        raise NanodrzError("train.init_from: the checkpoint's tokenizer differs from this config's")
+    own = model.state_dict()
+    fitting = {name: tensor for name, tensor in checkpoint.weights.items()
+               if name in own and own[name].shape == tensor.shape}
+    if not fitting:
+        raise NanodrzError("train.init_from: no tensor of the checkpoint fits this model")
+    model.load_state_dict(fitting, strict=False)
+    return len(fitting)
 
 
 def check_resume_compatible(checkpoint_config: dict[str, Any], config: Config) -> None:
@@ -356,6 +375,10 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     if checkpoint is not None:
         load_weights(model, checkpoint)
         start_step, best_der = checkpoint.step, checkpoint.state["best_der"]
+    elif config.train.init_from:
+        copied = initialise_from(model, load_checkpoint(config.train.init_from))
+        if env.main:
+            print(f"nanodrz train: {copied} of {len(model.state_dict())} tensors copied from {config.train.init_from}")
     model.to(env.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                   betas=config.optim.betas, fused=env.device.type == "cuda")
@@ -379,7 +402,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     loader = DataLoader(stream, batch_size=None, num_workers=config.data.workers,
                         prefetch_factor=2 if config.data.workers else None, pin_memory=env.device.type == "cuda",
                         generator=torch.Generator().manual_seed(config.train.seed))
-    use_bf16 = config.train.bf16 and env.device.type == "cuda"
+    use_bf16 = config.train.bf16 and bf16_is_fast(env.device)
 
     def autocast():
         return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16)

