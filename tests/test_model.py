@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nanodrz.features import MelFrontEnd, mel_filterbank
-from nanodrz.model import DiarizationModel, ModelConfig, attention_mask, sequence_loss
+from nanodrz.model import DiarizationModel, ModelConfig, activity_loss, activity_targets, attention_mask, sequence_loss
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 
 SR = 16000
@@ -124,3 +124,28 @@ def test_sequence_loss_counts_weighted_targets_only():
     assert float(only_first) < 1e-3
     all_targets = sequence_loss(logits, tokens, torch.tensor([[0.0, 1.0, 1.0, 1.0]]))
     assert float(all_targets) == pytest.approx((2 * torch.log(torch.tensor(5.0))).item() / 3, rel=1e-4)
+
+
+def test_activity_targets_and_loss_by_hand():
+    # Letter 0 talks 0-0.1 s, letter 1 0.08-0.2 s; frames are centred at 0, 0.04, ..., 0.2 s; one padding span.
+    spans = torch.tensor([[[0.0, 0.1, 0.0], [0.08, 0.2, 1.0], [-1.0, -1.0, -1.0]]])
+    expected = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(activity_targets(spans, 6, 25.0, 3)[0], expected)
+    # Zero logits cost log 2 on every real frame; confident right answers on the real frames cost ~0, and
+    # the frame past the item's length is not counted however wrong it is.
+    assert float(activity_loss(torch.zeros(1, 6, 3), torch.tensor([5]), spans, 25.0)) == pytest.approx(0.693147, abs=1e-5)
+    confident = (expected * 2 - 1) * 30
+    confident[5] = 30.0
+    assert float(activity_loss(confident[None], torch.tensor([5]), spans, 25.0)) < 1e-6
+
+
+def test_activity_head_outputs_one_row_per_audio_frame():
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
+    model = DiarizationModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_mels=40, activity_head=True), tokenizer)
+    audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(1), model)
+    logits, activity, frames = model(audio, audio_lengths, tokens, token_lengths, activity=True)
+    torch.testing.assert_close(logits, model(audio, audio_lengths, tokens, token_lengths))
+    assert activity.shape == (2, int(frames.max()), 4) and frames.tolist() == model.front_end.num_frames(audio_lengths).tolist()
+    with pytest.raises(ValueError, match="no activity head"):
+        make_model()(audio, audio_lengths, tokens, token_lengths, activity=True)

@@ -17,7 +17,7 @@ from nanodrz.checkpoint import load_checkpoint, load_model
 from nanodrz.config import load_config
 from nanodrz.errors import NanodrzError
 from nanodrz.examples import (ExampleConfig, ExampleStream, StreamConfig, assemble_prompted_input, build_example,
-                              single_speaker_stretches)
+                              collate, example_item, single_speaker_stretches)
 from nanodrz.simulate import load_preset, simulate_conversation
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 from nanodrz.train import Config, train
@@ -123,6 +123,35 @@ def test_tiny_training_run_learns_and_writes_its_outputs(tiny_bank, tmp_path):
     assert 0.0 <= result["val_der"] and "val_der_clean" in result and "val_prompted_ier" in result
     model = load_model(run_dir / "best.safetensors")
     assert model.tokenizer.spec() == Tokenizer(tiny_config(tiny_bank, run_dir).tokenizer).spec()
+
+
+def test_activity_head_learns_and_grows_from_a_run_without_one(tiny_bank, tmp_path, capsys):
+    plain, grown = tmp_path / "plain", tmp_path / "grown"
+    train(tiny_config(tiny_bank, plain, "train.steps=2", "train.eval_interval=2"))
+    train(tiny_config(tiny_bank, grown, "train.steps=30", "train.eval_interval=30", "model.activity_head=true",
+                      f"train.init_from={plain / 'last.safetensors'}"))
+    model = load_model(grown)
+    assert f"{len(model.state_dict()) - 2} of {len(model.state_dict())} tensors copied" in capsys.readouterr().out
+    records = [r for r in metrics(grown) if "activity_loss" in r]
+    assert len(records) == 30
+    activity = [r["activity_loss"] for r in records]
+    assert np.mean(activity[-5:]) < 0.8 * np.mean(activity[:5])
+
+
+def test_example_spans_carry_the_letters_of_the_tokens(tiny_bank):
+    tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=12, num_speakers=4))
+    config = ExampleConfig(chunk_seconds=(4.0, 6.0), prompt_probability=1.0, prompt_clip_seconds=(1.0, 2.0))
+    rng = np.random.default_rng(4)
+    conversation = simulate_conversation(Bank(tiny_bank, "train"), load_preset("clean"), rng)
+    example = build_example(conversation, config, 12, rng)
+    item = example_item(example, tokenizer, 1.0)
+    decoded = tokenizer.decode(item["tokens"])
+    spans = [(round(s, 2), round(e, 2), "ABCD"[int(k)]) for s, e, k in item["spans"][len(example.prompt):]]
+    assert {letter for _, _, letter in spans} == {turn.speaker for turn in decoded}
+    assert [letter for _, _, letter in [tuple(x) for x in item["spans"][:len(example.prompt)]]] == list(
+        range(len(example.prompt)))
+    batch = collate([item, example_item(example, tokenizer, 1.0) | {"spans": item["spans"][:1]}])
+    assert batch["spans"].shape == (2, len(item["spans"]), 3) and (batch["spans"][1, 1:, 2] == -1).all()
 
 
 def test_resumed_run_repeats_the_uninterrupted_one(tiny_bank, tmp_path):

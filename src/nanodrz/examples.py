@@ -254,17 +254,26 @@ def make_example(bank: Bank, stages: Stages, examples: ExampleConfig, tokenizer:
 
 
 def example_item(example: Example, tokenizer: Tokenizer, eos_weight: float) -> dict[str, Any]:
+    """Audio, tokens and weights, plus `spans`: (start, end, letter index) of every prompt clip and turn
+    in the input's time axis, the frame-level targets of the activity loss."""
     encoded = example.encode(tokenizer, eos_weight)
-    return {"audio": example.audio, "tokens": encoded.tokens, "weights": encoded.weights}
+    letters = {speaker: ord(letter) - ord("A") for speaker, letter in encoded.letters.items()}
+    spans = [(turn.start, turn.end, letters[turn.speaker]) for turn in [*example.prompt, *example.turns]
+             if turn.speaker in letters]
+    return {"audio": example.audio, "tokens": encoded.tokens, "weights": encoded.weights,
+            "spans": np.asarray(spans, dtype=np.float32).reshape(-1, 3)}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Pad audio with zeros, tokens with PAD and weights with 0; lengths say what is real."""
+    """Pad audio with zeros, tokens with PAD, weights with 0 and spans with letter -1; lengths say what is real."""
     audio, audio_lengths = pad_audio([item["audio"] for item in items])
     tokens, token_lengths = pad_values([item["tokens"] for item in items], Tokenizer.PAD, torch.long)
     weights, _ = pad_values([item["weights"] for item in items], 0.0, torch.float32)
+    spans = torch.full((len(items), max(max(len(item["spans"]) for item in items), 1), 3), -1.0)
+    for row, item in enumerate(items):
+        spans[row, :len(item["spans"])] = torch.from_numpy(item["spans"])
     return {"audio": audio, "audio_lengths": audio_lengths, "tokens": tokens, "token_lengths": token_lengths,
-            "weights": weights}
+            "weights": weights, "spans": spans}
 
 
 class ExampleStream(IterableDataset):

@@ -17,6 +17,11 @@ One sequence per example: audio positions (from the front end), then tokens
   out similar, and because the output layer is tied to the same table, writing a time is a lookup of
   frames at that time.
 * Generation uses a KV cache: the prefix (audio + prompt tokens) is run once, then one token per step.
+* `activity_head: true` adds a linear read-out of every audio position's final state: which speaker
+  letters are talking in that frame (letters in order of first appearance, the tokens' own lettering, so
+  there is no permutation to search, as in Sortformer). Trained with a frame-level loss next to the
+  token loss, it gives hundreds of dense targets per example where the tokens give a few dozen, and it
+  ties each frame's state to the letters the decoder will write about it.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class ModelConfig:
     time_embedding: bool = True
     rope_base: float = 10000.0
     rope_fraction: float = 1.0
+    activity_head: bool = False
 
     def __post_init__(self):
         if self.front_end not in FRONT_ENDS:
@@ -178,6 +184,7 @@ class DiarizationModel(nn.Module):
         self.time_projection = nn.Linear(config.d_model, config.d_model, bias=False) if config.time_embedding else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
+        self.activity = nn.Linear(config.d_model, tokenizer.num_speakers) if config.activity_head else None
         token_seconds = torch.zeros(tokenizer.vocab_size)
         is_time = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         times = torch.arange(tokenizer.num_time_tokens)
@@ -224,12 +231,22 @@ class DiarizationModel(nn.Module):
 
     # --- full sequences (training, scoring) ----------------------------------------------------
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
-                token_lengths: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N, vocab) at every token position; logits[:, j] predict tokens[:, j + 1]."""
+                token_lengths: torch.Tensor, activity: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, N, vocab) at every token position; logits[:, j] predict tokens[:, j + 1].
+
+        With `activity`, also the activity logits (B, T, num_speakers) of the audio frames and the (B,)
+        count of real frames per item.
+        """
         table = self.token_table()
         audio_x, frames = self.embed_audio(audio, audio_lengths)
         hidden = self.hidden(audio_x, frames, tokens, token_lengths, table)
-        return hidden[:, -tokens.shape[1]:] @ table.T
+        logits = hidden[:, -tokens.shape[1]:] @ table.T
+        if not activity:
+            return logits
+        if self.activity is None:
+            raise ValueError("this model has no activity head (model.activity_head: false)")
+        return logits, self.activity(hidden[:, :audio_x.shape[1]]), frames
 
     def hidden(self, audio_x: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor,
                token_lengths: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -300,6 +317,24 @@ def pad_values(sequences: Sequence[Sequence[float]], pad: float, dtype: torch.dt
     for row, values in enumerate(sequences):
         batch[row, :len(values)] = torch.tensor(list(values), dtype=dtype)
     return batch, lengths
+
+
+def activity_targets(spans: torch.Tensor, num_frames: int, frame_rate: float, num_speakers: int) -> torch.Tensor:
+    """(B, T, num_speakers) 0/1 targets: letter s talks at frame t (centred at t / frame_rate seconds),
+    from (B, N, 3) spans (start, end, letter index; letter -1 = padding)."""
+    times = torch.arange(num_frames, device=spans.device) / frame_rate
+    letters = spans[..., 2].long()
+    inside = (times >= spans[..., :1]) & (times < spans[..., 1:2]) & (letters[..., None] >= 0)  # (B, N, T)
+    which = F.one_hot(letters.clamp(min=0), num_speakers).float()  # (B, N, S)
+    return torch.einsum("bnt,bns->bts", inside.float(), which).clamp(max=1.0)
+
+
+def activity_loss(logits: torch.Tensor, frames: torch.Tensor, spans: torch.Tensor, frame_rate: float) -> torch.Tensor:
+    """Mean binary cross-entropy of (B, T, S) activity logits over the real frames of each item."""
+    targets = activity_targets(spans, logits.shape[1], frame_rate, logits.shape[2])
+    real = (torch.arange(logits.shape[1], device=logits.device) < frames[:, None]).float()[..., None]
+    losses = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    return (losses * real).sum() / (real.sum() * logits.shape[2]).clamp(min=1.0)
 
 
 def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from nanodrz.examples import (Example, ExampleConfig, ExampleStream, StreamConfi
                               example_item, fixed_examples)
 from nanodrz.features import bf16_is_fast
 from nanodrz.fileio import atomic_open
-from nanodrz.model import DiarizationModel, ModelConfig, sequence_loss
+from nanodrz.model import DiarizationModel, ModelConfig, activity_loss, sequence_loss
 from nanodrz.paths import default_bank_dir
 from nanodrz.simulate import check_bank, load_preset
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
@@ -97,6 +97,7 @@ class RunConfig:
     init_from: a checkpoint whose weights start a new run (fine-tuning, or growing a model by a new
     part): every parameter whose name and shape match is copied, the others keep their initialisation;
     the optimizer and schedule start fresh. bf16: autocast on CUDA, and on CPUs with native bfloat16.
+    activity_weight: weight of the frame-level activity loss, for models with `model.activity_head`.
     """
 
     steps: int = 5000
@@ -114,6 +115,7 @@ class RunConfig:
     stop_at_step: int | None = None
     max_minutes: float | None = None
     init_from: str | None = None
+    activity_weight: float = 0.5
 
 
 @dataclass
@@ -129,6 +131,8 @@ class Config:
             raise ValueError("data.examples.chunk_seconds may not exceed tokenizer.max_seconds")
         if self.train.steps < 1 or self.train.batch_size < 1:
             raise ValueError("train.steps and train.batch_size must be positive")
+        if self.train.activity_weight < 0:
+            raise ValueError("train.activity_weight must not be negative")
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -426,6 +430,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     progress = tqdm(total=config.train.steps, initial=start_step, disable=not env.main, desc="train",
                     dynamic_ncols=True)
     window_loss, window_steps, window_audio, window_samples, window_start = 0.0, 0, 0.0, 0, time.perf_counter()
+    window_activity = 0.0
     total_audio_hours = checkpoint.state.get("audio_hours_seen", 0.0) if checkpoint is not None else 0.0
     session_start = time.perf_counter()
     batches = iter(loader)
@@ -434,15 +439,23 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
             batch = {k: v.to(env.device, non_blocking=True) for k, v in next(batches).items()}
             net.train()
             with autocast():
-                logits = net(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"])
-                loss = sequence_loss(logits, batch["tokens"], batch["weights"])
+                if model.activity is not None:
+                    logits, activity_logits, frames = net(batch["audio"], batch["audio_lengths"], batch["tokens"],
+                                                          batch["token_lengths"], activity=True)
+                    frame_loss = activity_loss(activity_logits, frames, batch["spans"], config.model.frame_rate)
+                    token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
+                    window_activity += float(frame_loss.detach())
+                    loss = token_loss + config.train.activity_weight * frame_loss
+                else:
+                    logits = net(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"])
+                    loss = token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            totals = torch.stack([loss.detach().float(), batch["audio_lengths"].sum().float() / SAMPLE_RATE])
+            totals = torch.stack([token_loss.detach().float(), batch["audio_lengths"].sum().float() / SAMPLE_RATE])
             if env.world_size > 1:
                 dist.all_reduce(totals)
             loss_value, audio_seconds = float(totals[0]) / env.world_size, float(totals[1])
@@ -458,9 +471,11 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                                "grad_norm": float(grad_norm), "samples_per_s": window_samples / elapsed,
                                "audio_hours_per_s": window_audio / 3600 / elapsed,
                                "audio_hours_seen": total_audio_hours}
+                if model.activity is not None:  # this rank's mean; `loss` is the token loss alone
+                    last_record["activity_loss"] = window_activity / window_steps
                 log.write(last_record)
                 progress.set_postfix(loss=f"{last_record['loss']:.3f}", lr=f"{last_record['lr']:.2e}")
-                window_loss, window_steps, window_audio, window_samples = 0.0, 0, 0.0, 0
+                window_loss, window_steps, window_audio, window_samples, window_activity = 0.0, 0, 0.0, 0, 0.0
                 window_start = time.perf_counter()
             if step % config.train.eval_interval == 0 or step == config.train.steps:
                 if env.main:
