@@ -147,5 +147,9 @@ def test_activity_head_outputs_one_row_per_audio_frame():
     logits, activity, frames = model(audio, audio_lengths, tokens, token_lengths, activity=True)
     torch.testing.assert_close(logits, model(audio, audio_lengths, tokens, token_lengths))
     assert activity.shape == (2, int(frames.max()), 4) and frames.tolist() == model.front_end.num_frames(audio_lengths).tolist()
+    with torch.no_grad():
+        cache, _, _ = model.prefill(audio, audio_lengths, tokens, token_lengths, max_new_tokens=3)
+    for i, n in enumerate(frames.tolist()):
+        torch.testing.assert_close(cache.activity[i, :n], torch.sigmoid(activity[i, :n]), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="no activity head"):
         make_model()(audio, audio_lengths, tokens, token_lengths, activity=True)

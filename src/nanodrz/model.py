@@ -117,6 +117,7 @@ class KVCache:
         self.audio = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.length = 0
         self.table: torch.Tensor | None = None
+        self.activity: torch.Tensor | None = None  # (B, T, num_speakers) probabilities, from `prefill`
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
@@ -273,7 +274,8 @@ class DiarizationModel(nn.Module):
         """Run audio + given tokens once into a fresh cache.
 
         Returns the cache, the logits (B, vocab) after each item's last given token, and the position
-        (B,) the next token of each item will take.
+        (B,) the next token of each item will take. With an activity head, `cache.activity` holds its
+        probabilities for the audio frames.
         """
         table = self.token_table()
         frames = self.front_end.num_frames(audio_lengths)
@@ -284,6 +286,8 @@ class DiarizationModel(nn.Module):
         cache.table = table
         audio_x, frames = self.embed_audio(audio, audio_lengths)
         hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, cache)
+        if self.activity is not None:
+            cache.activity = torch.sigmoid(self.activity(hidden[:, :audio_x.shape[1]]).float())
         last = hidden[torch.arange(audio.shape[0]), audio_x.shape[1] + token_lengths - 1]
         return cache, last @ table.T, frames + token_lengths
 
