@@ -216,3 +216,18 @@ def test_config_errors_exit_2(tiny_bank, tmp_path, capsys, override, message):
     assert code == 2
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
+
+
+def test_resume_treats_keys_missing_from_an_older_checkpoint_as_defaults(tiny_bank, tmp_path):
+    from nanodrz.config import to_dict
+    from nanodrz.train import check_resume_compatible
+
+    config = tiny_config(tiny_bank, tmp_path / "run")
+    saved = {"model": to_dict(config.model), "tokenizer": to_dict(config.tokenizer)}
+    del saved["model"]["activity_head"]  # written before the option existed
+    check_resume_compatible(saved, config)
+    saved["model"]["d_model"] = 2 * config.model.d_model
+    with pytest.raises(NanodrzError, match="model config differs"):
+        check_resume_compatible(saved, config)
+    with pytest.raises(NanodrzError, match="tokenizer config differs"):
+        check_resume_compatible({"model": to_dict(config.model), "tokenizer": {"bogus": 1}}, config)

@@ -36,7 +36,7 @@ from nanodrz.annotation import Turn, to_annotation
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.bank import Bank
 from nanodrz.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint, weights_path
-from nanodrz.config import load_config, to_dict
+from nanodrz.config import from_dict, load_config, to_dict
 from nanodrz.decoding import DecodingOptions, decode
 from nanodrz.errors import NanodrzError
 from nanodrz.examples import (Example, ExampleConfig, ExampleStream, StreamConfig, adapt_preset, collate,
@@ -239,8 +239,13 @@ def initialise_from(model: DiarizationModel, checkpoint: Checkpoint) -> int:
 
 
 def check_resume_compatible(checkpoint_config: dict[str, Any], config: Config) -> None:
-    for section in ("model", "tokenizer"):
-        if checkpoint_config.get(section) != to_dict(getattr(config, section)):
+    """Model and tokenizer must match; keys the checkpoint lacks (added later) count as their defaults."""
+    for section, kind in (("model", ModelConfig), ("tokenizer", TokenizerConfig)):
+        try:
+            saved = to_dict(from_dict(kind, checkpoint_config.get(section, {}), f"checkpoint {section} config"))
+        except (NanodrzError, ValueError, TypeError):
+            saved = None
+        if saved != to_dict(getattr(config, section)):
             raise NanodrzError(f"cannot resume: the checkpoint's {section} config differs from this config's")
 
 
