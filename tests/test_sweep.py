@@ -219,6 +219,36 @@ def test_baseline_column(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder, m
         assert read_rttm(out / senko["hypotheses"])
 
 
+def test_reuse_baseline_takes_the_earlier_run_of_unchanged_sets(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder,
+                                                                 monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "1",
+                 "--baseline", "senko", "--reuse-baseline") == 2
+    assert "no earlier results.json" in capsys.readouterr().err
+    monkeypatch.setattr(baseline_module, "SenkoBaseline", EnergyBaseline)
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "1",
+                 "--baseline", "senko") == 0
+    first = json.loads((out / "results.json").read_text())
+    calls = []
+
+    class CountingBaseline(EnergyBaseline):
+        def __call__(self, audio):
+            calls.append(audio)
+            return super().__call__(audio)
+
+    monkeypatch.setattr(baseline_module, "SenkoBaseline", CountingBaseline)
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "1",
+                 "--baseline", "senko", "--reuse-baseline") == 0
+    second = json.loads((out / "results.json").read_text())
+    assert len(calls) == 1  # the untimed warm-up only
+    for before, after in zip(first["groups"][0]["rows"], second["groups"][0]["rows"]):
+        assert after["fingerprint"] and after["fingerprint"] == before["fingerprint"]
+        for key in ("total", "processing_seconds", "hypotheses"):
+            assert after["systems"]["senko"][key] == before["systems"]["senko"][key]
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--reuse-baseline") == 2
+    assert "needs --baseline" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arguments, needle", [
     (["--axes", "loudness,pitch"], "unknown axis 'pitch'"),
     (["--axes", "speakers", "--quick"], "hold 3"),

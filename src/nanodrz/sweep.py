@@ -307,8 +307,14 @@ def run_system(name: str, diarize_set: Callable[[TestSet, tqdm], tuple[dict[str,
         hypotheses, failed = diarize_set(test_set, bar)
         elapsed = time.perf_counter() - started
     write_rttm(out / relative, hypotheses)
+    return scored_result(relative, list(hypotheses), test_set, out, elapsed, seconds, failed)
+
+
+def scored_result(relative: Path, uris: list[str], test_set: TestSet, out: Path, elapsed: float, seconds: float,
+                  failed: list[str]) -> SystemResult:
+    """Score a hypotheses RTTM written for `test_set` (`uris`: the files it covers, even with no turns)."""
     # Score what was written (times to the millisecond), so `nanodrz evaluate` on the files agrees exactly.
-    hypotheses = {uri: [] for uri in hypotheses} | read_rttm(out / relative)
+    hypotheses = {uri: [] for uri in uris} | read_rttm(out / relative)
     report = score(test_set.references, hypotheses, collars=DEFAULT_COLLARS)
     speakers = {uri: len({t.speaker for t in turns}) for uri, turns in hypotheses.items()}
     long_files = [uri for uri, turns in test_set.references.items()
@@ -317,6 +323,35 @@ def run_system(name: str, diarize_set: Callable[[TestSet, tqdm], tuple[dict[str,
               for uri in long_files]
     consistency = (sum(c for c, _ in pieces), sum(n for _, n in pieces))
     return SystemResult(report, elapsed, seconds, speakers, failed, str(relative), consistency)
+
+
+def earlier_baseline_runs(out: Path, system: str) -> dict[str, dict]:
+    """{set fingerprint: that set's row entry for `system`} from an earlier sweep in `out` (its
+    results.json), for the simulated sets whose hypotheses file is still there."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise NanodrzError(f"--reuse-baseline: no earlier results.json in {out}")
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise NanodrzError(f"--reuse-baseline: {path} is unreadable ({error})") from None
+    runs = {}
+    for group in earlier.get("groups", []):
+        for row in group.get("rows", []):
+            entry = row.get("systems", {}).get(system)
+            if row.get("fingerprint") and entry and not entry.get("failed") and (out / entry["hypotheses"]).is_file():
+                runs[row["fingerprint"]] = entry
+    return runs
+
+
+def reused_baseline(entry: dict, name: str, test_set: TestSet, out: Path, seconds: float) -> SystemResult:
+    """A baseline's earlier run on the very same files: its hypotheses, rescored, and its timing."""
+    relative = hypotheses_path(name, test_set)
+    if out / relative != out / entry["hypotheses"]:
+        with atomic_path(out / relative) as tmp:
+            shutil.copyfile(out / entry["hypotheses"], tmp)
+    return scored_result(relative, [uri for uri, _ in test_set.recordings], test_set, out,
+                         entry["processing_seconds"], seconds, [])
 
 
 def reuse(earlier: SystemResult, source: str, name: str, test_set: TestSet, out: Path) -> SystemResult:
@@ -392,6 +427,7 @@ def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResu
     measured = [value for value in map(measure, test_set.conversations) if value is not None] if measure else []
     return {
         "name": test_set.name,
+        "fingerprint": test_set.fingerprint,
         "overrides": list(test_set.overrides),
         "files": len(test_set.recordings),
         "audio_seconds": round(seconds, 3),
@@ -526,6 +562,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       f"--quick: {QUICK_PER_POINT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated sets (default: 0)")
     parser.add_argument("--baseline", choices=BASELINES, help="also run this system on the same files")
+    parser.add_argument("--reuse-baseline", action="store_true",
+                        help="take the baseline's hypotheses and timings from the earlier sweep in --out for "
+                             "simulated sets whose files are unchanged (the baseline does not depend on our model)")
     parser.add_argument("--quick", action="store_true", help="first and last point of each axis only (duration: "
                                                              "20 and 60 s), fewer files")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
@@ -533,8 +572,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
-def evaluate_groups(sets: list[tuple[dict, list[TestSet]]], systems: dict[str, Callable], out: Path) -> list[dict]:
-    """Run and score every system on every set (each distinct set once), plot each group; the results rows."""
+def evaluate_groups(sets: list[tuple[dict, list[TestSet]]], systems: dict[str, Callable], out: Path,
+                    earlier_runs: dict[str, dict[str, dict]] | None = None) -> list[dict]:
+    """Run and score every system on every set (each distinct set once), plot each group; the results rows.
+
+    `earlier_runs[system][fingerprint]`: that system's earlier run on a set, used instead of running it.
+    """
+    earlier_runs = earlier_runs or {}
     first = next(test_set for _, test_sets in sets for test_set in test_sets)
     warm_up = TestSet(first.group, first.name, first.recordings[:1], {})
     for diarize_set in systems.values():
@@ -552,6 +596,10 @@ def evaluate_groups(sets: list[tuple[dict, list[TestSet]]], systems: dict[str, C
                 if (name, test_set.fingerprint) in done:
                     source, earlier = done[(name, test_set.fingerprint)]
                     results[name] = reuse(earlier, source, name, test_set, out)
+                elif test_set.fingerprint in earlier_runs.get(name, {}):
+                    entry = earlier_runs[name][test_set.fingerprint]
+                    results[name] = reused_baseline(entry, name, test_set, out, seconds)
+                    done[(name, test_set.fingerprint)] = (test_set.key, results[name])
                 else:
                     results[name] = run_system(name, diarize_set, test_set, out, seconds)
                     if test_set.fingerprint:
@@ -629,6 +677,11 @@ def run(args: argparse.Namespace) -> int:
         for _, plans in groups:
             for plan in plans:
                 check_bank(bank, plan.config)
+    earlier_runs = {}
+    if args.reuse_baseline:
+        if not args.baseline:
+            raise NanodrzError("--reuse-baseline needs --baseline")
+        earlier_runs[args.baseline] = earlier_baseline_runs(out, args.baseline)
     model_path = args.model if args.model is not None else SHIPPED_MODEL
     systems = {OURS: nanodrz_runner(Diarizer.from_pretrained(args.model, args.device), args.batch_size)}
     if args.baseline == "senko":
@@ -639,7 +692,7 @@ def run(args: argparse.Namespace) -> int:
     for description, plans in groups:
         test_sets = [materialize(plan, out / "sets" / plan.group / plan.name, bank, args.seed) for plan in plans]
         sets.append((description, test_sets + (extras if description["kind"] == "sets" else [])))
-    results_groups = evaluate_groups(sets, systems, out)
+    results_groups = evaluate_groups(sets, systems, out, earlier_runs)
     results = {
         "version": RESULTS_VERSION,
         "model": str(model_path),
