@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +233,24 @@ def test_resume_treats_keys_missing_from_an_older_checkpoint_as_defaults(tiny_ba
         check_resume_compatible(saved, config)
     with pytest.raises(NanodrzError, match="tokenizer config differs"):
         check_resume_compatible({"model": to_dict(config.model), "tokenizer": {"bogus": 1}}, config)
+
+
+def test_terminated_run_saves_its_progress(tiny_bank, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "nanodrz.cli", "train", str(TINY), "--set", f"data.bank={tiny_bank}",
+               "--set", f"train.out_dir={run_dir}", "--set", "train.steps=100000", "--set", "train.log_interval=1",
+               "--set", "train.checkpoint_interval=100000", "--set", "train.eval_interval=100000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file() or len(metrics(run_dir)) < 3:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert load_checkpoint(run_dir).step >= 3

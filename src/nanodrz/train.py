@@ -19,6 +19,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +225,27 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _interrupt(number, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def catch_stop_signals() -> dict:
+    """Make TERM and INT end training the way Ctrl-C does (a checkpoint is saved first); returns the
+    handlers to put back. A job scheduler, `timeout` or `kill` sends TERM, and a shell starts background
+    jobs with INT ignored: without this, either would lose the steps since the last checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.signal(number, _interrupt) for number in STOP_SIGNALS}
+
+
+def restore_signals(previous: dict) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)
 
 
 def initialise_from(model: DiarizationModel, checkpoint: Checkpoint) -> int:
@@ -439,6 +462,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     total_audio_hours = checkpoint.state.get("audio_hours_seen", 0.0) if checkpoint is not None else 0.0
     session_start = time.perf_counter()
     batches = iter(loader)
+    previous_handlers = catch_stop_signals()
     try:
         while step < config.train.steps:
             batch = {k: v.to(env.device, non_blocking=True) for k, v in next(batches).items()}
@@ -513,6 +537,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
             tqdm.write(f"interrupted: checkpoint of step {step} saved in {run_dir}")
         raise
     finally:
+        restore_signals(previous_handlers)
         progress.close()
         if log is not None:
             log.close()
