@@ -19,6 +19,7 @@ TOK = Tokenizer(TokenizerConfig(time_resolution=0.1, max_seconds=10.0, num_speak
 class ScriptedCache:
     def __init__(self, rows: int):
         self.history = [[] for _ in range(rows)]
+        self.activity = None  # no activity head
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.history = [list(self.history[r]) for r in rows.tolist()]
