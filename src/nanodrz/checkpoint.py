@@ -113,11 +113,16 @@ def build_model(checkpoint: Checkpoint) -> DiarizationModel:
     return model.eval()
 
 
-def load_weights(model: DiarizationModel, checkpoint: Checkpoint) -> None:
-    """Copy checkpoint weights into `model`, checking that vocabulary and shapes agree."""
+def check_tokenizer(model: DiarizationModel, checkpoint: Checkpoint) -> None:
+    """Weights only mean something with the vocabulary they were trained on."""
     if Tokenizer.from_spec(checkpoint.tokenizer_spec).spec() != model.tokenizer.spec():
         raise NanodrzError("checkpoint tokenizer differs from the configured one "
                            f"({checkpoint.tokenizer_spec} vs {model.tokenizer.spec()})")
+
+
+def load_weights(model: DiarizationModel, checkpoint: Checkpoint) -> None:
+    """Copy checkpoint weights into `model`, checking that vocabulary and shapes agree."""
+    check_tokenizer(model, checkpoint)
     expected = model.state_dict()
     if set(expected) != set(checkpoint.weights) or any(
             expected[k].shape != checkpoint.weights[k].shape for k in expected):

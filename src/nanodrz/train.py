@@ -37,7 +37,8 @@ from tqdm import tqdm
 from nanodrz.annotation import Turn, to_annotation
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.bank import Bank
-from nanodrz.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint, weights_path
+from nanodrz.checkpoint import (Checkpoint, check_tokenizer, load_checkpoint, load_weights, save_checkpoint,
+                                weights_path)
 from nanodrz.config import from_dict, load_config, to_dict
 from nanodrz.decoding import DecodingOptions, decode
 from nanodrz.errors import NanodrzError
@@ -250,8 +251,7 @@ def restore_signals(previous: dict) -> None:
 
 def initialise_from(model: DiarizationModel, checkpoint: Checkpoint) -> int:
     """Copy the checkpoint's tensors that fit `model` by name and shape; returns how many."""
-    if Tokenizer.from_spec(checkpoint.tokenizer_spec).spec() != model.tokenizer.spec():
-        raise NanodrzError("train.init_from: the checkpoint's tokenizer differs from this config's")
+    check_tokenizer(model, checkpoint)
     own = model.state_dict()
     fitting = {name: tensor for name, tensor in checkpoint.weights.items()
                if name in own and own[name].shape == tensor.shape}
