@@ -1,11 +1,12 @@
-"""The pretrained speaker front end (`campplus`) and growing a trained model by it (`train.init_from`)."""
+"""The pretrained speaker front ends (`campplus`, `campplus_windows`) and growing a trained model by them
+(`train.init_from`)."""
 
 import pytest
 import torch
 
 from nanodrz.checkpoint import load_checkpoint, load_model, save_checkpoint
 from nanodrz.errors import NanodrzError
-from nanodrz.features import SpeakerFrontEnd
+from nanodrz.features import SpeakerFrontEnd, WindowedSpeakerFrontEnd
 from nanodrz.identities import campplus_weights
 from nanodrz.model import DiarizationModel, ModelConfig
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
@@ -29,9 +30,11 @@ def voiced(seconds: float, f0: float, seed: int) -> torch.Tensor:
     return 0.05 * tone + 0.005 * torch.randn(len(t), generator=torch.Generator().manual_seed(seed))
 
 
-def test_speaker_features_are_padding_invariant_and_kept_out_of_the_state():
-    front_end = SpeakerFrontEnd(32, 25.0, 40)
-    torch.nn.init.normal_(front_end.projection.weight, std=0.05)
+@pytest.mark.parametrize("front_end_class", [SpeakerFrontEnd, WindowedSpeakerFrontEnd])
+def test_speaker_features_are_padding_invariant_and_kept_out_of_the_state(front_end_class):
+    front_end = front_end_class(32, 25.0, 40)
+    for parameter in front_end.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
     audio = torch.stack([voiced(3.0, 120.0, 0), torch.cat([voiced(2.2, 210.0, 1), torch.zeros(int(0.8 * SR))])])
     lengths = torch.tensor([3 * SR, int(2.2 * SR)])
     with torch.no_grad():
@@ -41,8 +44,25 @@ def test_speaker_features_are_padding_invariant_and_kept_out_of_the_state():
     torch.testing.assert_close(batched[1, :56], alone[0], atol=1e-5, rtol=1e-4)
     assert batched[1, 56:].abs().max() == 0
     assert not any(name.startswith("encoder") for name in front_end.state_dict())
+    new_names = {"voice_projection.weight", "voice_projection.bias"} if front_end_class is WindowedSpeakerFrontEnd else set()
     assert {name for name, _ in front_end.named_parameters()} == {
-        *(f"convs.{i}.{p}" for i in range(3) for p in ("weight", "bias")), "projection.weight", "projection.bias"}
+        *(f"convs.{i}.{p}" for i in range(3) for p in ("weight", "bias")), "projection.weight", "projection.bias",
+        *new_names}
+
+
+def test_window_embeddings_are_unit_vectors_centred_on_each_position_and_tell_voices_apart():
+    front_end = WindowedSpeakerFrontEnd(32, 25.0, 40)
+    low, high = voiced(3.0, 110.0, 0), voiced(3.0, 230.0, 1)
+    with torch.no_grad():
+        features = front_end.encode(torch.cat([low, high]))
+        embeddings = front_end.window_embeddings(features)
+    assert embeddings.shape == ((features.shape[0] - 1) // 2 + 1, 192)
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(len(embeddings)))
+    # positions 0.5-1.5 s and 4.5-5.5 s: each window lies inside one voice
+    first, second = embeddings[12:38], embeddings[112:138]
+    within = (first @ first.T).mean()
+    across = (first @ second.T).mean()
+    assert within > across + 0.01
 
 
 def test_speaker_features_tell_two_voices_apart():
@@ -54,18 +74,21 @@ def test_speaker_features_tell_two_voices_apart():
     assert cosine(a, a2, dim=0) > cosine(a, b, dim=0)
 
 
-def test_growing_a_mel_model_by_the_speaker_front_end_starts_from_the_same_function(tmp_path):
-    mel_model = make_model("mel", seed=0)
-    path = save_checkpoint(tmp_path / "mel.safetensors", mel_model, 5, {"model": {"d_model": 32, "n_layers": 1,
-                                                                                   "n_heads": 2, "n_mels": 40}})
-    grown = make_model("campplus", seed=1)
+@pytest.mark.parametrize("source, grown_front_end", [("mel", "campplus"), ("campplus", "campplus_windows")])
+def test_growing_a_model_by_a_speaker_front_end_starts_from_the_same_function(tmp_path, source, grown_front_end):
+    model = make_model(source, seed=0)
+    if source != "mel":
+        torch.nn.init.normal_(model.front_end.projection.weight, std=0.05)
+    config = {"model": {"front_end": source, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_mels": 40}}
+    path = save_checkpoint(tmp_path / "source.safetensors", model, 5, config)
+    grown = make_model(grown_front_end, seed=1)
     copied = initialise_from(grown, load_checkpoint(path))
-    assert copied == len(mel_model.state_dict())
+    assert copied == len(model.state_dict())
     assert copied == len(grown.state_dict()) - 2  # all but the new projection's weight and bias
     audio = voiced(3.0, 150.0, 3)[None]
     tokens = torch.tensor([[grown.tokenizer.START, grown.tokenizer.time_offset + 3]])
     with torch.no_grad():
-        expected = mel_model(audio, torch.tensor([3 * SR]), tokens, torch.tensor([2]))
+        expected = model(audio, torch.tensor([3 * SR]), tokens, torch.tensor([2]))
         actual = grown(audio, torch.tensor([3 * SR]), tokens, torch.tensor([2]))
     torch.testing.assert_close(actual, expected)
 

@@ -3,7 +3,8 @@
 Features are computed in torch, inside the model, on the model's device: training workers only
 mix audio, and inference needs no separate feature step. Front ends are looked up by name
 (`FRONT_ENDS`): `mel` learns everything from log-mel; `campplus` adds a frozen, pretrained speaker
-encoder's frame features.
+encoder's frame features; `campplus_windows` also adds that encoder's speaker embedding of the 1.5 s
+around every position.
 
 Every front end is exactly invariant to batch padding: an item gives the same vectors alone as it
 does next to a longer one. The log-mel is computed per item at its true length, and after every conv
@@ -172,15 +173,61 @@ class SpeakerFrontEnd(MelFrontEnd):
                 x = layer(x)
         return x[0].T.float()
 
+    def speaker_term(self, voices: list[torch.Tensor]) -> torch.Tensor:
+        """Per-item (frames at 50/s, 512) features -> (B, positions, d_model), added to the mel stem."""
+        padded = torch.nn.utils.rnn.pad_sequence(voices, batch_first=True).transpose(1, 2)
+        return self.projection(padded).transpose(1, 2)
+
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, frames = super().forward(audio, lengths)
+        x, frames = MelFrontEnd.forward(self, audio, lengths)
         voices = [self.encode(audio[i, :int(n)]) for i, n in enumerate(lengths.tolist())]
         voice_frames = torch.tensor([(v.shape[0] - 1) // self.stride + 1 for v in voices], device=x.device)
-        projected = self.projection(torch.nn.utils.rnn.pad_sequence(voices, batch_first=True).transpose(1, 2))
-        projected = projected.transpose(1, 2)[:, :x.shape[1]]
+        projected = self.speaker_term(voices)[:, :x.shape[1]]
         projected = F.pad(projected, (0, 0, 0, x.shape[1] - projected.shape[1]))
         keep = torch.arange(x.shape[1], device=x.device) < torch.minimum(frames, voice_frames)[:, None]
         return x + projected * keep.unsqueeze(-1), frames
 
 
-FRONT_ENDS = {"mel": MelFrontEnd, "campplus": SpeakerFrontEnd}
+class WindowedSpeakerFrontEnd(SpeakerFrontEnd):
+    """`campplus` plus, at every position, the encoder's own speaker embedding of the window around it.
+
+    The trunk's frame features are not what CAM++ was trained to make comparable: its pooled embedding
+    is. Pooling the trunk over a sliding 1.5 s window (the encoder's statistics pooling and embedding
+    layer, frozen) gives a unit vector per position whose dot product with another position's says
+    whether the same voice speaks there: on validation conversations, same-speaker against
+    different-speaker pairs of positions separate with ROC AUC 0.97 (clean) and 0.94 (noise and
+    reverb), against 0.81 and 0.75 for the trunk features of a 0.5 s window. Attention scores are dot
+    products, so the model can compare voices without first learning how. The new projection starts
+    at zero: a `campplus` checkpoint grown into this front end starts out computing the same function.
+    """
+
+    embedding_size = 192
+
+    def __init__(self, d_model: int, frame_rate: float = 25.0, n_mels: int = 80, window_seconds: float = 1.5):
+        super().__init__(d_model, frame_rate, n_mels)
+        self.window = int(round(window_seconds * self.encoder_rate)) // 2 * 2 + 1  # odd: centred on a frame
+        self.voice_projection = nn.Linear(self.embedding_size, d_model)
+        nn.init.zeros_(self.voice_projection.weight)
+        nn.init.zeros_(self.voice_projection.bias)
+
+    @torch.no_grad()
+    def window_embeddings(self, features: torch.Tensor) -> torch.Tensor:
+        """(frames at 50/s, 512) trunk features -> (positions, 192) unit speaker embeddings, one per
+        position of this front end, each pooled over the window centred on it (cut short at the ends)."""
+        x = features.T[None]
+        pool = dict(kernel_size=self.window, stride=self.stride, padding=self.window // 2)
+        mean = F.avg_pool1d(x, count_include_pad=False, **pool)
+        mean_square = F.avg_pool1d(x * x, count_include_pad=False, **pool)
+        count = F.avg_pool1d(torch.ones_like(x[:, :1]), count_include_pad=True, **pool) * self.window
+        variance = (mean_square - mean ** 2).clamp(min=0) * count / (count - 1).clamp(min=1)
+        statistics = torch.cat([mean, variance.sqrt()], dim=1)[0].T
+        dense = self.encoder.xvector.dense
+        embeddings = dense.nonlinear(dense.linear(statistics[:, :, None]).squeeze(-1))
+        return F.normalize(embeddings, dim=-1)
+
+    def speaker_term(self, voices: list[torch.Tensor]) -> torch.Tensor:
+        embeddings = torch.nn.utils.rnn.pad_sequence([self.window_embeddings(v) for v in voices], batch_first=True)
+        return super().speaker_term(voices) + self.voice_projection(embeddings)
+
+
+FRONT_ENDS = {"mel": MelFrontEnd, "campplus": SpeakerFrontEnd, "campplus_windows": WindowedSpeakerFrontEnd}

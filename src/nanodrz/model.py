@@ -193,7 +193,9 @@ class DiarizationModel(nn.Module):
         is_time[tokenizer.time_offset + times] = True
         self.register_buffer("token_seconds", token_seconds, persistent=False)
         self.register_buffer("token_is_time", is_time, persistent=False)
-        self.apply(self._init_weights)
+        for name, module in self.named_modules():
+            if not name.startswith("front_end"):  # front ends initialise their own layers
+                self._init_weights(module)
         for name, parameter in self.named_parameters():
             if name.endswith(("attention.out.weight", "mlp.2.weight")):
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * config.n_layers))
