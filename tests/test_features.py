@@ -105,3 +105,57 @@ def test_speaker_model_checkpoint_round_trip_and_bad_init(tmp_path):
                              Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4)))
     with pytest.raises(NanodrzError, match="no tensor"):
         initialise_from(other, load_checkpoint(path))
+
+
+def make_span_model() -> DiarizationModel:
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
+    config = ModelConfig(front_end="campplus_windows", span_voices=True, d_model=32, n_layers=1, n_heads=2, n_mels=40)
+    model = DiarizationModel(config, tokenizer).eval()
+    for parameter in (model.span_projection.weight, model.front_end.voice_projection.weight):
+        torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+def test_span_voices_pool_the_window_embeddings_of_each_triple_span():
+    model = make_span_model()
+    tok = model.tokenizer
+    audio = torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)])[None]
+    tokens = torch.tensor([[tok.START, tok.time_token(0.2), tok.time_token(1.0), tok.speaker_token("A"),
+                            tok.time_token(1.6), tok.time_token(2.8), tok.speaker_token("B"), tok.EOS]])
+    with torch.no_grad():
+        _, _, voices = model.embed_audio(audio, torch.tensor([3 * SR]))
+        inputs = model.span_voices(tokens, torch.zeros_like(tokens[:, :2]), voices)[0]
+    first = model.span_projection(torch.nn.functional.normalize(voices[0, 5:25].sum(0), dim=0))
+    second = model.span_projection(torch.nn.functional.normalize(voices[0, 40:70].sum(0), dim=0))
+    for position, expected in ((2, first), (3, first), (5, second), (6, second)):
+        torch.testing.assert_close(inputs[position], expected)
+    assert inputs[[0, 1, 4, 7]].abs().max() == 0  # START, start times and EOS get nothing
+
+
+def test_span_voices_kv_cache_generation_equals_full_recomputation():
+    model = make_span_model()
+    tok = model.tokenizer
+    audio = torch.stack([torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)]),
+                         torch.cat([voiced(2.0, 150.0, 2), torch.zeros(SR)])])
+    audio_lengths = torch.tensor([3 * SR, 2 * SR])
+    times = [tok.time_token(s) for s in (0.2, 1.0, 1.6, 2.8)]
+    tokens = torch.tensor([[tok.START, times[0], times[1], tok.speaker_token("A"), times[2], times[3],
+                            tok.speaker_token("B"), tok.EOS]] * 2)
+    given = torch.tensor([3, 1])  # item 0 enters the cache mid-triple: its next token's span is known only so
+    with torch.no_grad():
+        cache, logits, pos = model.prefill(audio, audio_lengths, tokens, given, max_new_tokens=8)
+        fed = [logits]
+        for k in range(4):
+            next_tokens = tokens[torch.arange(2), given + k]
+            fed.append(model.step(cache, next_tokens, pos + k))
+        for i in range(2):
+            full = model(audio[i:i + 1, :int(audio_lengths[i])], audio_lengths[i:i + 1], tokens[i:i + 1],
+                         torch.tensor([8]))[0]
+            for k in range(5):
+                torch.testing.assert_close(fed[k][i], full[int(given[i]) - 1 + k], atol=1e-4, rtol=1e-4)
+
+
+def test_span_voices_need_window_embeddings():
+    with pytest.raises(ValueError, match="span_voices needs"):
+        ModelConfig(front_end="campplus", span_voices=True)

@@ -70,7 +70,7 @@ def test_late_audio_reaches_early_audio_only_in_prefix_mode(attention):
     audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(2), model)
     with torch.no_grad():
         table = model.token_table()
-        audio_x, frames = model.embed_audio(audio, audio_lengths)
+        audio_x, frames, _ = model.embed_audio(audio, audio_lengths)
         changed = audio_x.clone()
         changed[:, 40:] += 1.0
         a = model.hidden(audio_x, frames, tokens, token_lengths, table)

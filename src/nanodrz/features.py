@@ -173,19 +173,29 @@ class SpeakerFrontEnd(MelFrontEnd):
                 x = layer(x)
         return x[0].T.float()
 
+    def encode_batch(self, audio: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Each item's speaker features at its true length (which keeps padding invariance exact)."""
+        return [self.encode(audio[i, :int(n)]) for i, n in enumerate(lengths.tolist())]
+
     def speaker_term(self, voices: list[torch.Tensor]) -> torch.Tensor:
         """Per-item (frames at 50/s, 512) features -> (B, positions, d_model), added to the mel stem."""
         padded = torch.nn.utils.rnn.pad_sequence(voices, batch_first=True).transpose(1, 2)
         return self.projection(padded).transpose(1, 2)
 
-    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_to_stem(self, audio: torch.Tensor, lengths: torch.Tensor, voices: list[torch.Tensor],
+                    term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mel stem plus (B, positions, C) `term`, cut or zero-padded to the stem's length and zeroed
+        past each item's frames; returns the sum, the frame counts, and the (B, T) mask of kept positions."""
         x, frames = MelFrontEnd.forward(self, audio, lengths)
-        voices = [self.encode(audio[i, :int(n)]) for i, n in enumerate(lengths.tolist())]
         voice_frames = torch.tensor([(v.shape[0] - 1) // self.stride + 1 for v in voices], device=x.device)
-        projected = self.speaker_term(voices)[:, :x.shape[1]]
-        projected = F.pad(projected, (0, 0, 0, x.shape[1] - projected.shape[1]))
+        term = fit_length(term, x.shape[1])
         keep = torch.arange(x.shape[1], device=x.device) < torch.minimum(frames, voice_frames)[:, None]
-        return x + projected * keep.unsqueeze(-1), frames
+        return x + term * keep.unsqueeze(-1), frames, keep
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        voices = self.encode_batch(audio, lengths)
+        x, frames, _ = self.add_to_stem(audio, lengths, voices, self.speaker_term(voices))
+        return x, frames
 
 
 class WindowedSpeakerFrontEnd(SpeakerFrontEnd):
@@ -225,9 +235,23 @@ class WindowedSpeakerFrontEnd(SpeakerFrontEnd):
         embeddings = dense.nonlinear(dense.linear(statistics[:, :, None]).squeeze(-1))
         return F.normalize(embeddings, dim=-1)
 
-    def speaker_term(self, voices: list[torch.Tensor]) -> torch.Tensor:
+    def forward_with_embeddings(self, audio: torch.Tensor, lengths: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward`, plus the (B, T, 192) window embeddings themselves (zero past each item's end), for
+        a model that also pools them over the spans it writes (`ModelConfig.span_voices`)."""
+        voices = self.encode_batch(audio, lengths)
         embeddings = torch.nn.utils.rnn.pad_sequence([self.window_embeddings(v) for v in voices], batch_first=True)
-        return super().speaker_term(voices) + self.voice_projection(embeddings)
+        term = self.speaker_term(voices) + self.voice_projection(embeddings)
+        x, frames, keep = self.add_to_stem(audio, lengths, voices, term)
+        return x, frames, fit_length(embeddings, x.shape[1]) * keep.unsqueeze(-1)
 
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, frames, _ = self.forward_with_embeddings(audio, lengths)
+        return x, frames
+
+
+def fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T, C) cut or zero-padded along T to `length`."""
+    return F.pad(x[:, :length], (0, 0, 0, max(length - x.shape[1], 0)))
 
 FRONT_ENDS = {"mel": MelFrontEnd, "campplus": SpeakerFrontEnd, "campplus_windows": WindowedSpeakerFrontEnd}

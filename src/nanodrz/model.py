@@ -41,7 +41,9 @@ from nanodrz.tokenizer import Tokenizer
 
 @dataclass
 class ModelConfig:
-    """front_end: a name in `features.FRONT_ENDS`; frame_rate: audio positions per second after the stem."""
+    """front_end: a name in `features.FRONT_ENDS`; frame_rate: audio positions per second after the stem;
+    span_voices: add to each end-time and label token the voice of its triple's span (needs a front end
+    with window embeddings, `campplus_windows`)."""
 
     front_end: str = "mel"
     frame_rate: float = 25.0
@@ -56,10 +58,14 @@ class ModelConfig:
     rope_base: float = 10000.0
     rope_fraction: float = 1.0
     activity_head: bool = False
+    span_voices: bool = False
 
     def __post_init__(self):
         if self.front_end not in FRONT_ENDS:
             raise ValueError(f"unknown front_end {self.front_end!r} (choose from {', '.join(FRONT_ENDS)})")
+        if self.span_voices and not hasattr(FRONT_ENDS[self.front_end], "forward_with_embeddings"):
+            raise ValueError(f"span_voices needs a front end with window embeddings (campplus_windows), "
+                             f"not {self.front_end!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model must divide into n_heads heads of even size")
         if not 0.0 <= self.rope_fraction <= 1.0:
@@ -118,12 +124,16 @@ class KVCache:
         self.length = 0
         self.table: torch.Tensor | None = None
         self.activity: torch.Tensor | None = None  # (B, T, num_speakers) probabilities, from `prefill`
+        self.voices: torch.Tensor | None = None  # (B, T, E) window embeddings, for span voices
+        self.recent: torch.Tensor | None = None  # (B, 2) the last two tokens fed, for span voices
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.pos, self.valid, self.audio = self.pos[rows], self.valid[rows], self.audio[rows]
+        if self.voices is not None:
+            self.voices, self.recent = self.voices[rows], self.recent[rows]
 
     def append(self, pos: torch.Tensor, valid: torch.Tensor, audio: torch.Tensor) -> slice:
         new = slice(self.length, self.length + pos.shape[1])
@@ -186,6 +196,8 @@ class DiarizationModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
         self.activity = nn.Linear(config.d_model, tokenizer.num_speakers) if config.activity_head else None
+        self.span_projection = (nn.Linear(self.front_end.embedding_size, config.d_model, bias=False)
+                                if config.span_voices else None)
         token_seconds = torch.zeros(tokenizer.vocab_size)
         is_time = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         times = torch.arange(tokenizer.num_time_tokens)
@@ -204,6 +216,8 @@ class DiarizationModel(nn.Module):
             # embeddings. At 0.02 per weight, P(t) would be ten times larger and, through the tied
             # output layer, start training with a loss of ~25 instead of ~log(vocab).
             nn.init.normal_(self.time_projection.weight, std=0.02 * math.sqrt(2 / config.d_model))
+        if self.span_projection is not None:
+            nn.init.zeros_(self.span_projection.weight)  # a grown checkpoint starts as the same function
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -225,12 +239,41 @@ class DiarizationModel(nn.Module):
             table = table + self.time_vectors(self.token_seconds) * self.token_is_time[:, None]
         return table
 
-    def embed_audio(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, frames = self.front_end(audio, audio_lengths)
+    def embed_audio(self, audio: torch.Tensor, audio_lengths: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Audio positions (B, T, d), real frame counts (B,), and with span voices the (B, T, E) window
+        embeddings."""
+        voices = None
+        if self.span_projection is not None:
+            x, frames, voices = self.front_end.forward_with_embeddings(audio, audio_lengths)
+        else:
+            x, frames = self.front_end(audio, audio_lengths)
         if self.time_projection is not None:
             seconds = torch.arange(x.shape[1], device=x.device) / self.config.frame_rate
             x = x + self.time_vectors(seconds)
-        return x, frames
+        return x, frames, voices
+
+    def span_voices(self, tokens: torch.Tensor, preceding: torch.Tensor, voices: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) inputs added to `tokens`: at the end time and the label of every triple, the unit
+        mean window embedding over the triple's span, projected; zero elsewhere. `preceding` (B, 2) are
+        the two tokens before tokens[:, 0].
+
+        With this, the position that predicts a label already holds the voice it is labelling, and every
+        earlier label holds its own voice next to its letter: choosing a letter becomes one attention
+        step that matches voices, instead of a chain the model must discover.
+        """
+        context = torch.cat([preceding, tokens], dim=1)
+        is_time, seconds = self.token_is_time[context], self.token_seconds[context]
+        current, last, before_last = (slice(2, None), slice(1, -1), slice(None, -2))
+        is_end = is_time[:, current] & is_time[:, last]
+        is_label = ~is_time[:, current] & (tokens > self.tokenizer.PROMPT_END) & is_time[:, last] & is_time[:, before_last]
+        start = torch.where(is_end, seconds[:, last], seconds[:, before_last])
+        end = torch.where(is_end, seconds[:, current], seconds[:, last])
+        frame_seconds = torch.arange(voices.shape[1], device=voices.device) / self.config.frame_rate
+        inside = ((frame_seconds >= start[..., None]) & (frame_seconds < end[..., None])
+                  & (is_end | is_label)[..., None])
+        pooled = torch.bmm(inside.to(voices.dtype), voices)
+        return self.span_projection(F.normalize(pooled, dim=-1))
 
     # --- full sequences (training, scoring) ----------------------------------------------------
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
@@ -242,8 +285,11 @@ class DiarizationModel(nn.Module):
         count of real frames per item.
         """
         table = self.token_table()
-        audio_x, frames = self.embed_audio(audio, audio_lengths)
-        hidden = self.hidden(audio_x, frames, tokens, token_lengths, table)
+        audio_x, frames, voices = self.embed_audio(audio, audio_lengths)
+        extra = None
+        if voices is not None:
+            extra = self.span_voices(tokens, torch.full_like(tokens[:, :2], self.tokenizer.PAD), voices)
+        hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, token_extra=extra)
         logits = hidden[:, -tokens.shape[1]:] @ table.T
         if not activity:
             return logits
@@ -252,11 +298,16 @@ class DiarizationModel(nn.Module):
         return logits, self.activity(hidden[:, :audio_x.shape[1]]), frames
 
     def hidden(self, audio_x: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor,
-               token_lengths: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+               token_lengths: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None,
+               token_extra: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T + N, d) of embedded audio (B, T, d) with `frames` real frames per
-        item, followed by `tokens` (B, N) of which `token_lengths` are real."""
+        item, followed by `tokens` (B, N) of which `token_lengths` are real (plus `token_extra` (B, N, d)
+        added to their embeddings)."""
         batch, num_frames, _ = audio_x.shape
-        x = torch.cat([audio_x, F.embedding(tokens, table)], dim=1)
+        embedded = F.embedding(tokens, table)
+        if token_extra is not None:
+            embedded = embedded + token_extra.to(embedded.dtype)
+        x = torch.cat([audio_x, embedded], dim=1)
         frame_index = torch.arange(num_frames, device=x.device).expand(batch, -1)
         token_index = torch.arange(tokens.shape[1], device=x.device).expand(batch, -1)
         pos = torch.cat([frame_index, frames[:, None] + token_index], dim=1)
@@ -286,8 +337,14 @@ class DiarizationModel(nn.Module):
         cache = KVCache(self.config.n_layers, audio.shape[0], self.config.n_heads, head_dim, capacity,
                         audio.device, table.dtype)
         cache.table = table
-        audio_x, frames = self.embed_audio(audio, audio_lengths)
-        hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, cache)
+        audio_x, frames, voices = self.embed_audio(audio, audio_lengths)
+        extra = None
+        if voices is not None:
+            extra = self.span_voices(tokens, torch.full_like(tokens[:, :2], self.tokenizer.PAD), voices)
+            last_two = token_lengths[:, None] + torch.arange(-2, 0, device=tokens.device)
+            cache.voices = voices
+            cache.recent = torch.where(last_two >= 0, tokens.gather(1, last_two.clamp(min=0)), self.tokenizer.PAD)
+        hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, cache, token_extra=extra)
         if self.activity is not None:
             cache.activity = torch.sigmoid(self.activity(hidden[:, :audio_x.shape[1]]).float())
         last = hidden[torch.arange(audio.shape[0]), audio_x.shape[1] + token_lengths - 1]
@@ -297,6 +354,9 @@ class DiarizationModel(nn.Module):
     def step(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Feed one token per item (B,) at positions (B,); returns the next logits (B, vocab)."""
         x = F.embedding(tokens[:, None], cache.table)
+        if cache.voices is not None:
+            x = x + self.span_voices(tokens[:, None], cache.recent, cache.voices).to(x.dtype)
+            cache.recent = torch.cat([cache.recent[:, 1:], tokens[:, None]], dim=1)
         pos = pos[:, None]
         valid = torch.ones_like(pos, dtype=torch.bool)
         slots = cache.append(pos, valid, torch.zeros_like(valid))
