@@ -110,9 +110,11 @@ def test_speaker_model_checkpoint_round_trip_and_bad_init(tmp_path):
 def make_span_model() -> DiarizationModel:
     torch.manual_seed(0)
     tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
-    config = ModelConfig(front_end="campplus_windows", span_voices=True, d_model=32, n_layers=1, n_heads=2, n_mels=40)
+    config = ModelConfig(front_end="campplus_windows", span_voices=True, voice_similarity=True, d_model=32,
+                         n_layers=1, n_heads=2, n_mels=40)
     model = DiarizationModel(config, tokenizer).eval()
-    for parameter in (model.span_projection.weight, model.front_end.voice_projection.weight):
+    for parameter in (model.span_projection.weight, model.similarity_projection.weight,
+                      model.front_end.voice_projection.weight):
         torch.nn.init.normal_(parameter, std=0.1)
     return model
 
@@ -123,14 +125,45 @@ def test_span_voices_pool_the_window_embeddings_of_each_triple_span():
     audio = torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)])[None]
     tokens = torch.tensor([[tok.START, tok.time_token(0.2), tok.time_token(1.0), tok.speaker_token("A"),
                             tok.time_token(1.6), tok.time_token(2.8), tok.speaker_token("B"), tok.EOS]])
+    torch.nn.init.zeros_(model.similarity_projection.weight)
     with torch.no_grad():
         _, _, voices = model.embed_audio(audio, torch.tensor([3 * SR]))
-        inputs = model.span_voices(tokens, torch.zeros_like(tokens[:, :2]), voices)[0]
+        inputs = model.span_inputs(tokens, torch.tensor([8]), model.empty_span_state(voices), voices)[0][0]
     first = model.span_projection(torch.nn.functional.normalize(voices[0, 5:25].sum(0), dim=0))
     second = model.span_projection(torch.nn.functional.normalize(voices[0, 40:70].sum(0), dim=0))
     for position, expected in ((2, first), (3, first), (5, second), (6, second)):
         torch.testing.assert_close(inputs[position], expected)
     assert inputs[[0, 1, 4, 7]].abs().max() == 0  # START, start times and EOS get nothing
+
+
+def test_voice_similarity_compares_each_span_with_the_mean_voice_of_each_letter_so_far():
+    model = make_span_model()
+    tok = model.tokenizer
+    torch.nn.init.zeros_(model.span_projection.weight)
+    with torch.no_grad():
+        model.similarity_projection.weight.copy_(torch.eye(32, 8))  # inputs[:, :8] = the 8 features
+    audio = torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)])[None]
+    spans = [(0.1, 1.4, "A"), (1.6, 2.9, "B"), (0.2, 1.3, "A")]
+    tokens = torch.tensor([[tok.START] + [t for a, b, letter in spans
+                                          for t in (tok.time_token(a), tok.time_token(b), tok.speaker_token(letter))]])
+    with torch.no_grad():
+        _, _, voices = model.embed_audio(audio, torch.tensor([3 * SR]))
+        inputs, state = model.span_inputs(tokens, torch.tensor([10]), model.empty_span_state(voices), voices)
+    features = inputs[0, :, :8]
+    centres = torch.arange(voices.shape[1]) / 25.0
+
+    def span_voice(start: float, end: float) -> torch.Tensor:
+        inside = (centres >= tok.time_of(tok.time_token(start))) & (centres < tok.time_of(tok.time_token(end)))
+        return torch.nn.functional.normalize(voices[0, inside].sum(0), dim=0)
+
+    first, second, third = (span_voice(a, b) for a, b, _ in spans)
+    torch.testing.assert_close(features[2], torch.zeros(8))  # nothing labelled yet
+    torch.testing.assert_close(features[5], torch.tensor([second @ first, 0, 0, 0, 1, 0, 0, 0]))
+    torch.testing.assert_close(features[8], torch.tensor([third @ first, third @ second, 0, 0, 1, 1, 0, 0]))
+    assert third @ first > third @ second
+    assert features[[0, 1, 3, 4, 6, 7, 9]].abs().max() == 0  # only end times get the comparison
+    assert state.letter_counts[0].tolist() == [2, 1, 0, 0]
+    assert state.recent[0].tolist() == tokens[0, -2:].tolist()
 
 
 def test_span_voices_kv_cache_generation_equals_full_recomputation():
@@ -156,6 +189,8 @@ def test_span_voices_kv_cache_generation_equals_full_recomputation():
                 torch.testing.assert_close(fed[k][i], full[int(given[i]) - 1 + k], atol=1e-4, rtol=1e-4)
 
 
-def test_span_voices_need_window_embeddings():
+def test_span_voices_need_window_embeddings_and_similarity_needs_span_voices():
     with pytest.raises(ValueError, match="span_voices needs"):
         ModelConfig(front_end="campplus", span_voices=True)
+    with pytest.raises(ValueError, match="voice_similarity needs span_voices"):
+        ModelConfig(front_end="campplus_windows", voice_similarity=True)

@@ -43,7 +43,8 @@ from nanodrz.tokenizer import Tokenizer
 class ModelConfig:
     """front_end: a name in `features.FRONT_ENDS`; frame_rate: audio positions per second after the stem;
     span_voices: add to each end-time and label token the voice of its triple's span (needs a front end
-    with window embeddings, `campplus_windows`)."""
+    with window embeddings, `campplus_windows`); voice_similarity: also give each end-time token the
+    cosine between its span's voice and each letter's voice so far (needs span_voices)."""
 
     front_end: str = "mel"
     frame_rate: float = 25.0
@@ -59,6 +60,7 @@ class ModelConfig:
     rope_fraction: float = 1.0
     activity_head: bool = False
     span_voices: bool = False
+    voice_similarity: bool = False
 
     def __post_init__(self):
         if self.front_end not in FRONT_ENDS:
@@ -66,6 +68,8 @@ class ModelConfig:
         if self.span_voices and not hasattr(FRONT_ENDS[self.front_end], "forward_with_embeddings"):
             raise ValueError(f"span_voices needs a front end with window embeddings (campplus_windows), "
                              f"not {self.front_end!r}")
+        if self.voice_similarity and not self.span_voices:
+            raise ValueError("voice_similarity needs span_voices")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model must divide into n_heads heads of even size")
         if not 0.0 <= self.rope_fraction <= 1.0:
@@ -109,6 +113,25 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: to
     return allowed[:, None]
 
 
+@dataclass
+class SpanState:
+    """What span voices need to know about the tokens before a call: the last two tokens (B, 2), and for
+    each letter the sum (B, K, E) and count (B, K) of the span voices labelled with it so far."""
+
+    recent: torch.Tensor
+    letter_sums: torch.Tensor
+    letter_counts: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, num_speakers: int, embedding_size: int, pad: int, device: torch.device) -> "SpanState":
+        return cls(torch.full((batch, 2), pad, dtype=torch.long, device=device),
+                   torch.zeros(batch, num_speakers, embedding_size, device=device),
+                   torch.zeros(batch, num_speakers, device=device))
+
+    def select(self, rows: torch.Tensor) -> "SpanState":
+        return SpanState(self.recent[rows], self.letter_sums[rows], self.letter_counts[rows])
+
+
 class KVCache:
     """Keys and values of every layer for a growing batch of sequences, with the per-slot metadata
     (position, validity, audio or token) that the attention mask needs."""
@@ -125,7 +148,7 @@ class KVCache:
         self.table: torch.Tensor | None = None
         self.activity: torch.Tensor | None = None  # (B, T, num_speakers) probabilities, from `prefill`
         self.voices: torch.Tensor | None = None  # (B, T, E) window embeddings, for span voices
-        self.recent: torch.Tensor | None = None  # (B, 2) the last two tokens fed, for span voices
+        self.spans: SpanState | None = None
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
@@ -133,7 +156,7 @@ class KVCache:
         self.values = [v[rows] for v in self.values]
         self.pos, self.valid, self.audio = self.pos[rows], self.valid[rows], self.audio[rows]
         if self.voices is not None:
-            self.voices, self.recent = self.voices[rows], self.recent[rows]
+            self.voices, self.spans = self.voices[rows], self.spans.select(rows)
 
     def append(self, pos: torch.Tensor, valid: torch.Tensor, audio: torch.Tensor) -> slice:
         new = slice(self.length, self.length + pos.shape[1])
@@ -198,6 +221,8 @@ class DiarizationModel(nn.Module):
         self.activity = nn.Linear(config.d_model, tokenizer.num_speakers) if config.activity_head else None
         self.span_projection = (nn.Linear(self.front_end.embedding_size, config.d_model, bias=False)
                                 if config.span_voices else None)
+        self.similarity_projection = (nn.Linear(2 * tokenizer.num_speakers, config.d_model, bias=False)
+                                      if config.voice_similarity else None)
         token_seconds = torch.zeros(tokenizer.vocab_size)
         is_time = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         times = torch.arange(tokenizer.num_time_tokens)
@@ -216,8 +241,9 @@ class DiarizationModel(nn.Module):
             # embeddings. At 0.02 per weight, P(t) would be ten times larger and, through the tied
             # output layer, start training with a loss of ~25 instead of ~log(vocab).
             nn.init.normal_(self.time_projection.weight, std=0.02 * math.sqrt(2 / config.d_model))
-        if self.span_projection is not None:
-            nn.init.zeros_(self.span_projection.weight)  # a grown checkpoint starts as the same function
+        for projection in (self.span_projection, self.similarity_projection):
+            if projection is not None:
+                nn.init.zeros_(projection.weight)  # a grown checkpoint starts as the same function
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -253,16 +279,19 @@ class DiarizationModel(nn.Module):
             x = x + self.time_vectors(seconds)
         return x, frames, voices
 
-    def span_voices(self, tokens: torch.Tensor, preceding: torch.Tensor, voices: torch.Tensor) -> torch.Tensor:
-        """(B, N, d) inputs added to `tokens`: at the end time and the label of every triple, the unit
-        mean window embedding over the triple's span, projected; zero elsewhere. `preceding` (B, 2) are
-        the two tokens before tokens[:, 0].
+    def span_inputs(self, tokens: torch.Tensor, lengths: torch.Tensor, state: SpanState, voices: torch.Tensor
+                    ) -> tuple[torch.Tensor, SpanState]:
+        """(B, N, d) inputs added to `tokens` (of which `lengths` are real), and the state after them.
 
-        With this, the position that predicts a label already holds the voice it is labelling, and every
-        earlier label holds its own voice next to its letter: choosing a letter becomes one attention
-        step that matches voices, instead of a chain the model must discover.
+        At the end time and the label of every triple: the unit mean window embedding over the triple's
+        span, projected. With it, the position that predicts a label already holds the voice it is
+        labelling, and every earlier label holds its own voice next to its letter. With
+        `voice_similarity`, each end time also gets, per letter, the cosine between its span's voice and
+        the mean voice of the spans labelled with that letter so far (prompt triples included), and
+        whether the letter is in use: a single linear map from there to the letter logits is a
+        nearest-centroid speaker assignment, which the transformer can then refine.
         """
-        context = torch.cat([preceding, tokens], dim=1)
+        context = torch.cat([state.recent, tokens], dim=1)
         is_time, seconds = self.token_is_time[context], self.token_seconds[context]
         current, last, before_last = (slice(2, None), slice(1, -1), slice(None, -2))
         is_end = is_time[:, current] & is_time[:, last]
@@ -272,8 +301,28 @@ class DiarizationModel(nn.Module):
         frame_seconds = torch.arange(voices.shape[1], device=voices.device) / self.config.frame_rate
         inside = ((frame_seconds >= start[..., None]) & (frame_seconds < end[..., None])
                   & (is_end | is_label)[..., None])
-        pooled = torch.bmm(inside.to(voices.dtype), voices)
-        return self.span_projection(F.normalize(pooled, dim=-1))
+        pooled = F.normalize(torch.bmm(inside.to(voices.dtype), voices), dim=-1)
+        extra = self.span_projection(pooled)
+        last_real = (lengths - 1).clamp(min=0)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        after = SpanState(torch.stack([context[rows, last_real + 1], context[rows, last_real + 2]], dim=1),
+                          state.letter_sums, state.letter_counts)
+        if self.similarity_projection is not None:
+            num_speakers = self.tokenizer.num_speakers
+            letter = tokens - self.tokenizer.speaker_offset
+            labelled = F.one_hot(letter.clamp(0, num_speakers - 1), num_speakers).to(pooled.dtype)
+            labelled = labelled * (is_label & (letter >= 0))[..., None]  # (B, N, K)
+            sums = state.letter_sums[:, None] + (labelled[..., None] * pooled[:, :, None]).cumsum(1)  # (B, N, K, E)
+            counts = state.letter_counts[:, None] + labelled.cumsum(1)
+            cosine = (F.normalize(sums, dim=-1) * pooled[:, :, None]).sum(-1)
+            features = torch.cat([cosine, (counts > 0).to(pooled.dtype)], dim=-1) * is_end[..., None]
+            extra = extra + self.similarity_projection(features)
+            after.letter_sums, after.letter_counts = sums[rows, last_real], counts[rows, last_real]
+        return extra, after
+
+    def empty_span_state(self, voices: torch.Tensor) -> SpanState:
+        return SpanState.empty(voices.shape[0], self.tokenizer.num_speakers, voices.shape[2], self.tokenizer.PAD,
+                               voices.device)
 
     # --- full sequences (training, scoring) ----------------------------------------------------
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
@@ -288,7 +337,7 @@ class DiarizationModel(nn.Module):
         audio_x, frames, voices = self.embed_audio(audio, audio_lengths)
         extra = None
         if voices is not None:
-            extra = self.span_voices(tokens, torch.full_like(tokens[:, :2], self.tokenizer.PAD), voices)
+            extra, _ = self.span_inputs(tokens, token_lengths, self.empty_span_state(voices), voices)
         hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, token_extra=extra)
         logits = hidden[:, -tokens.shape[1]:] @ table.T
         if not activity:
@@ -340,10 +389,8 @@ class DiarizationModel(nn.Module):
         audio_x, frames, voices = self.embed_audio(audio, audio_lengths)
         extra = None
         if voices is not None:
-            extra = self.span_voices(tokens, torch.full_like(tokens[:, :2], self.tokenizer.PAD), voices)
-            last_two = token_lengths[:, None] + torch.arange(-2, 0, device=tokens.device)
+            extra, cache.spans = self.span_inputs(tokens, token_lengths, self.empty_span_state(voices), voices)
             cache.voices = voices
-            cache.recent = torch.where(last_two >= 0, tokens.gather(1, last_two.clamp(min=0)), self.tokenizer.PAD)
         hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, cache, token_extra=extra)
         if self.activity is not None:
             cache.activity = torch.sigmoid(self.activity(hidden[:, :audio_x.shape[1]]).float())
@@ -355,8 +402,8 @@ class DiarizationModel(nn.Module):
         """Feed one token per item (B,) at positions (B,); returns the next logits (B, vocab)."""
         x = F.embedding(tokens[:, None], cache.table)
         if cache.voices is not None:
-            x = x + self.span_voices(tokens[:, None], cache.recent, cache.voices).to(x.dtype)
-            cache.recent = torch.cat([cache.recent[:, 1:], tokens[:, None]], dim=1)
+            extra, cache.spans = self.span_inputs(tokens[:, None], torch.ones_like(tokens), cache.spans, cache.voices)
+            x = x + extra.to(x.dtype)
         pos = pos[:, None]
         valid = torch.ones_like(pos, dtype=torch.bool)
         slots = cache.append(pos, valid, torch.zeros_like(valid))
