@@ -53,7 +53,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = DiarizationModel(config.model, tokenizer).to(env.device)
     net = torch.compile(model) if config.train.compile else model
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.optim), lr=config.optim.lr)
     use_bf16 = config.train.bf16 and bf16_is_fast(env.device)
 
     def step(batch: dict) -> None:

@@ -131,9 +131,13 @@ def test_activity_head_learns_and_grows_from_a_run_without_one(tiny_bank, tmp_pa
     plain, grown = tmp_path / "plain", tmp_path / "grown"
     train(tiny_config(tiny_bank, plain, "train.steps=2", "train.eval_interval=2"))
     train(tiny_config(tiny_bank, grown, "train.steps=30", "train.eval_interval=30", "model.activity_head=true",
-                      f"train.init_from={plain / 'last.safetensors'}"))
+                      "optim.new_lr_scale=10", f"train.init_from={plain / 'last.safetensors'}"))
     model = load_model(grown)
     assert f"{len(model.state_dict()) - 2} of {len(model.state_dict())} tensors copied" in capsys.readouterr().out
+    state = load_checkpoint(grown / "last.safetensors", with_state=True).state
+    assert state["new_parameters"] == ["activity.weight", "activity.bias"]
+    base_lrs = sorted(state["scheduler"]["base_lrs"])
+    assert len(base_lrs) == 4 and base_lrs[-1] == pytest.approx(10 * base_lrs[0])
     records = [r for r in metrics(grown) if "activity_loss" in r]
     assert len(records) == 30
     activity = [r["activity_loss"] for r in records]

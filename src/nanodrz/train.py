@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -79,7 +79,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to min_lr; no weight decay on norms, biases, embeddings."""
+    """AdamW with linear warmup then cosine decay to min_lr; no weight decay on norms, biases, embeddings.
+    new_lr_scale multiplies the learning rate of the parameters `train.init_from` did not provide: layers
+    grown onto a trained model start at zero, and at the trained layers' rate (Adam moves every weight by
+    about lr per step) they would take thousands of steps to matter."""
 
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -87,6 +90,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
+    new_lr_scale: float = 1.0
 
 
 @dataclass
@@ -187,15 +191,18 @@ def setup_distributed(device_name: str) -> Distributed:
     return Distributed(rank, world_size, device)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices and conv kernels only: norms, biases and embeddings are not decayed."""
-    decay, no_decay = [], []
+def parameter_groups(model: torch.nn.Module, optim: OptimConfig, new_names: Iterable[str] = ()
+                     ) -> list[dict[str, Any]]:
+    """Decay matrices and conv kernels only: norms, biases and embeddings are not decayed. Parameters named
+    in `new_names` get their own groups at optim.new_lr_scale times the learning rate."""
+    new_names = set(new_names)
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
-        if parameter.dim() >= 2 and "embedding" not in name:
-            decay.append(parameter)
-        else:
-            no_decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = parameter.dim() >= 2 and "embedding" not in name
+        groups.setdefault((decayed, name in new_names), []).append(parameter)
+    return [{"params": parameters, "weight_decay": optim.weight_decay if decayed else 0.0,
+             "lr": optim.lr * (optim.new_lr_scale if new else 1.0)}
+            for (decayed, new), parameters in sorted(groups.items())]
 
 
 def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -249,8 +256,8 @@ def restore_signals(previous: dict) -> None:
         signal.signal(number, handler)
 
 
-def initialise_from(model: DiarizationModel, checkpoint: Checkpoint) -> int:
-    """Copy the checkpoint's tensors that fit `model` by name and shape; returns how many."""
+def initialise_from(model: DiarizationModel, checkpoint: Checkpoint) -> list[str]:
+    """Copy the checkpoint's tensors that fit `model` by name and shape; returns their names."""
     check_tokenizer(model, checkpoint)
     own = model.state_dict()
     fitting = {name: tensor for name, tensor in checkpoint.weights.items()
@@ -258,7 +265,7 @@ def initialise_from(model: DiarizationModel, checkpoint: Checkpoint) -> int:
     if not fitting:
         raise NanodrzError("train.init_from: no tensor of the checkpoint fits this model")
     model.load_state_dict(fitting, strict=False)
-    return len(fitting)
+    return sorted(fitting)
 
 
 def check_resume_compatible(checkpoint_config: dict[str, Any], config: Config) -> None:
@@ -403,16 +410,19 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
         model = DiarizationModel(config.model, tokenizer)
-    start_step, best_der = 0, math.inf
+    start_step, best_der, new_names = 0, math.inf, []
     if checkpoint is not None:
         load_weights(model, checkpoint)
         start_step, best_der = checkpoint.step, checkpoint.state["best_der"]
+        new_names = checkpoint.state.get("new_parameters", [])
     elif config.train.init_from:
         copied = initialise_from(model, load_checkpoint(config.train.init_from))
+        new_names = [name for name, _ in model.named_parameters() if name not in copied]
         if env.main:
-            print(f"nanodrz train: {copied} of {len(model.state_dict())} tensors copied from {config.train.init_from}")
+            print(f"nanodrz train: {len(copied)} of {len(model.state_dict())} tensors copied from "
+                  f"{config.train.init_from}")
     model.to(env.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.optim, new_names), lr=config.optim.lr,
                                   betas=config.optim.betas, fused=env.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.optim, config.train.steps))
@@ -450,7 +460,8 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
 
     def save(step: int) -> None:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_states(), "best_der": best_der, "audio_hours_seen": total_audio_hours}
+                 "rng": rng_states(), "best_der": best_der, "audio_hours_seen": total_audio_hours,
+                 "new_parameters": new_names}
         save_checkpoint(run_dir / "last.safetensors", model, step, to_dict(config), state)
 
     step = start_step
