@@ -113,8 +113,7 @@ def make_span_model() -> DiarizationModel:
     config = ModelConfig(front_end="campplus_windows", span_voices=True, voice_similarity=True, d_model=32,
                          n_layers=1, n_heads=2, n_mels=40)
     model = DiarizationModel(config, tokenizer).eval()
-    for parameter in (model.span_projection.weight, model.similarity_projection.weight,
-                      model.front_end.voice_projection.weight):
+    for parameter in (model.span_projection.weight, model.front_end.voice_projection.weight):
         torch.nn.init.normal_(parameter, std=0.1)
     return model
 
@@ -125,7 +124,6 @@ def test_span_voices_pool_the_window_embeddings_of_each_triple_span():
     audio = torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)])[None]
     tokens = torch.tensor([[tok.START, tok.time_token(0.2), tok.time_token(1.0), tok.speaker_token("A"),
                             tok.time_token(1.6), tok.time_token(2.8), tok.speaker_token("B"), tok.EOS]])
-    torch.nn.init.zeros_(model.similarity_projection.weight)
     with torch.no_grad():
         _, _, voices = model.embed_audio(audio, torch.tensor([3 * SR]))
         inputs = model.span_inputs(tokens, torch.tensor([8]), model.empty_span_state(voices), voices)[0][0]
@@ -139,17 +137,13 @@ def test_span_voices_pool_the_window_embeddings_of_each_triple_span():
 def test_voice_similarity_compares_each_span_with_the_mean_voice_of_each_letter_so_far():
     model = make_span_model()
     tok = model.tokenizer
-    torch.nn.init.zeros_(model.span_projection.weight)
-    with torch.no_grad():
-        model.similarity_projection.weight.copy_(torch.eye(32, 8))  # inputs[:, :8] = the 8 features
     audio = torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)])[None]
     spans = [(0.1, 1.4, "A"), (1.6, 2.9, "B"), (0.2, 1.3, "A")]
     tokens = torch.tensor([[tok.START] + [t for a, b, letter in spans
                                           for t in (tok.time_token(a), tok.time_token(b), tok.speaker_token(letter))]])
     with torch.no_grad():
         _, _, voices = model.embed_audio(audio, torch.tensor([3 * SR]))
-        inputs, state = model.span_inputs(tokens, torch.tensor([10]), model.empty_span_state(voices), voices)
-    features = inputs[0, :, :8]
+        _, bias, state = model.span_inputs(tokens, torch.tensor([10]), model.empty_span_state(voices), voices)
     centres = torch.arange(voices.shape[1]) / 25.0
 
     def span_voice(start: float, end: float) -> torch.Tensor:
@@ -157,11 +151,12 @@ def test_voice_similarity_compares_each_span_with_the_mean_voice_of_each_letter_
         return torch.nn.functional.normalize(voices[0, inside].sum(0), dim=0)
 
     first, second, third = (span_voice(a, b) for a, b, _ in spans)
-    torch.testing.assert_close(features[2], torch.zeros(8))  # nothing labelled yet
-    torch.testing.assert_close(features[5], torch.tensor([second @ first, 0, 0, 0, 1, 0, 0, 0]))
-    torch.testing.assert_close(features[8], torch.tensor([third @ first, third @ second, 0, 0, 1, 1, 0, 0]))
+    bias = bias[0] / 20.0 + 0.75  # the starting scale and threshold: bias = cosine for letters in use
+    torch.testing.assert_close(bias[2], torch.full((4,), 0.75))  # nothing labelled yet: no bias
+    torch.testing.assert_close(bias[5], torch.tensor([second @ first, 0.75, 0.75, 0.75]))
+    torch.testing.assert_close(bias[8], torch.tensor([third @ first, third @ second, 0.75, 0.75]))
     assert third @ first > third @ second
-    assert features[[0, 1, 3, 4, 6, 7, 9]].abs().max() == 0  # only end times get the comparison
+    torch.testing.assert_close(bias[[0, 1, 3, 4, 6, 7, 9]], torch.full((7, 4), 0.75))  # only after end times
     assert state.letter_counts[0].tolist() == [2, 1, 0, 0]
     assert state.recent[0].tolist() == tokens[0, -2:].tolist()
 
