@@ -189,3 +189,36 @@ def test_span_voices_need_window_embeddings_and_similarity_needs_span_voices():
         ModelConfig(front_end="campplus", span_voices=True)
     with pytest.raises(ValueError, match="voice_similarity needs span_voices"):
         ModelConfig(front_end="campplus_windows", voice_similarity=True)
+
+
+def test_grow_model_script_writes_step_zero_of_a_config_and_rejects_one_without_init_from(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    source = make_model("campplus", seed=0)
+    torch.nn.init.normal_(source.front_end.projection.weight, std=0.05)
+    model_section = {"front_end": "campplus", "d_model": 32, "n_layers": 1, "n_heads": 2, "n_mels": 40}
+    tokenizer_section = {"time_resolution": 0.04, "max_seconds": 8.0, "num_speakers": 4}
+    source_path = save_checkpoint(tmp_path / "source.safetensors", source, 7,
+                                  {"model": model_section, "tokenizer": tokenizer_section})
+    grown_model = {**model_section, "front_end": "campplus_windows", "span_voices": True, "voice_similarity": True}
+    config = tmp_path / "grow.yaml"
+    data = {"examples": {"chunk_seconds": [2, 4], "prompt_clip_seconds": [1.0, 1.5], "max_prompt_speakers": 2}}
+    config.write_text(yaml.safe_dump({"model": grown_model, "tokenizer": tokenizer_section, "data": data,
+                                      "train": {"init_from": str(source_path)}}))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "grow-model.py"
+    out = tmp_path / "grown.safetensors"
+    done = subprocess.run([sys.executable, str(script), str(config), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    grown = load_model(out)
+    assert grown.config.voice_similarity and load_checkpoint(out).step == 0
+    torch.testing.assert_close(grown.front_end.projection.weight, source.front_end.projection.weight)
+    assert grown.span_projection.weight.abs().max() == 0
+    config.write_text(yaml.safe_dump({"model": grown_model, "tokenizer": tokenizer_section, "data": data}))
+    refused = subprocess.run([sys.executable, str(script), str(config), str(tmp_path / "x.safetensors")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0
+    assert "no train.init_from" in refused.stderr and not (tmp_path / "x.safetensors").exists()
