@@ -20,6 +20,7 @@ class ScriptedCache:
     def __init__(self, rows: int):
         self.history = [[] for _ in range(rows)]
         self.activity = None  # no activity head
+        self.voices = None  # no window embeddings
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.history = [list(self.history[r]) for r in rows.tolist()]

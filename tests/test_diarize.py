@@ -9,6 +9,7 @@ prompting and stitching logic under test.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,13 +71,19 @@ def tone_decode(model, audio, prompts, options) -> list[DecodingResult]:
                 letter_of[voice] = chr(ord("A") + len(letter_of))
             turns.append(Turn(index / 50, end / 50, letter_of[voice]))
             index = end
-        results.append(DecodingResult(turns, [1.0] * len(turns), [], {}))
+        # The voice of each 20 ms frame, as the model's front end gives one: here one-hot per tone.
+        embeddings = np.zeros((len(voices), len(TONES)), dtype=np.float32)
+        for index, voice in enumerate(voices):
+            if voice is not None:
+                embeddings[index, voice] = 1.0
+        results.append(DecodingResult(turns, [1.0] * len(turns), [], {}, voices=embeddings))
     return results
 
 
 class ToneModel:
     def __init__(self, max_seconds=12.0):
         self.tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.02, max_seconds=max_seconds, num_speakers=8))
+        self.config = SimpleNamespace(frame_rate=50.0)
 
     def eval(self):
         return self
@@ -116,17 +123,29 @@ def test_turn_crossing_a_chunk_boundary_is_stitched():
     assert a_turns[0].start == pytest.approx(4.0, abs=0.05) and a_turns[0].end == pytest.approx(8.5, abs=0.05)
 
 
-def test_more_speakers_than_prompt_slots_prompts_the_most_recent():
+def test_more_speakers_than_prompt_slots_prompts_the_most_recent_and_merging_restores_labels():
     # Room for 2 clips only: voices 0 and 1 speak, then 2 and 3 take over; 0 comes back last.
     reference = [(0.5, 2.0, 0), (2.5, 4.5, 1), (6.5, 8.5, 2), (9.0, 11.0, 3), (12.5, 14.5, 2),
                  (15.0, 17.0, 3), (19.0, 21.0, 0)]
     diarizer = tone_diarizer(chunk=6.0, max_seconds=12.0, clips=(1.0, 2.0), max_prompt_speakers=2)
-    turns = from_annotation(diarizer(tone_audio(reference, 24.0)))
-    seen = labels_by_voice(turns, reference)
+    audio = tone_audio(reference, 24.0)
+    seen = labels_by_voice(from_annotation(diarizer(audio, DiarizationSettings(merge_threshold=float("inf")))),
+                           reference)
     # Recently active voices keep their labels across chunks ...
     assert seen[2] == {"C"} and seen[3] == {"D"}
-    # ... and a voice pushed out of the prompt comes back under a new label (documented limit).
+    # ... and a voice pushed out of the prompt comes back under a new label ...
     assert seen[0] == {"A", "E"}
+    # ... which merging by voice (the default) gives back its first label.
+    seen = labels_by_voice(from_annotation(diarizer(audio)), reference)
+    assert seen == {0: {"A"}, 1: {"B"}, 2: {"C"}, 3: {"D"}}
+
+
+def test_max_speakers_holds_over_the_whole_recording():
+    # Four voices, one per 5 s chunk, each new to the model: at most 2 labels asked for.
+    reference = [(0.5, 3.5, 0), (5.5, 8.5, 1), (10.5, 13.5, 2), (15.5, 18.5, 3)]
+    turns = from_annotation(tone_diarizer(chunk=5.0)(tone_audio(reference, 20.0),
+                                                     DiarizationSettings(max_speakers=2)))
+    assert sorted({t.speaker for t in turns}) == ["A", "B"]
 
 
 def test_enrollment_names_speakers_and_unknown_voices_keep_letters():

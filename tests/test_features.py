@@ -1,10 +1,12 @@
 """The pretrained speaker front ends (`campplus`, `campplus_windows`) and growing a trained model by them
 (`train.init_from`)."""
 
+import numpy as np
 import pytest
 import torch
 
 from nanodrz.checkpoint import load_checkpoint, load_model, save_checkpoint
+from nanodrz.decoding import DecodingOptions, decode
 from nanodrz.errors import NanodrzError
 from nanodrz.features import SpeakerFrontEnd, WindowedSpeakerFrontEnd
 from nanodrz.identities import campplus_weights
@@ -222,3 +224,13 @@ def test_grow_model_script_writes_step_zero_of_a_config_and_rejects_one_without_
                              capture_output=True, text=True)
     assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0
     assert "no train.init_from" in refused.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_decoding_returns_the_window_embeddings_of_each_input():
+    model = make_span_model()
+    inputs = [voiced(1.5, 110.0, 0).numpy(), torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)]).numpy()]
+    results = decode(model, inputs, options=DecodingOptions(max_triples=2))
+    with torch.no_grad():
+        _, _, voices = model.embed_audio(torch.as_tensor(inputs[1])[None], torch.tensor([len(inputs[1])]))
+    assert results[0].voices.shape == (int(model.front_end.num_frames(torch.tensor([len(inputs[0])]))), 192)
+    np.testing.assert_allclose(results[1].voices, voices[0].numpy(), atol=1e-5)

@@ -66,12 +66,15 @@ class DecodingOptions:
 @dataclass
 class DecodingResult:
     """Turns with speakers as letters; `letters` maps each prompt speaker name to its letter;
-    `scores` is the model's probability of each turn's speaker token (a confidence)."""
+    `scores` is the model's probability of each turn's speaker token (a confidence); `voices` holds,
+    for a model whose front end computes them, the (frames, E) speaker embeddings of the input's audio
+    positions (prompt included), frame t at t / frame_rate seconds."""
 
     turns: list[Turn]
     scores: list[float]
     tokens: list[int]
     letters: dict[str, str] = field(default_factory=dict)
+    voices: np.ndarray | None = None
 
 
 class GrammarState:
@@ -247,7 +250,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     tokens, token_lengths = tokens.to(device), token_lengths.to(device)
     max_new = 3 * options.max_triples + 1
     cache, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new)
-    activity = cache.activity
+    activity, voices = cache.activity, cache.voices
     beams = options.beam_size if options.strategy == "beam" else 1
     if beams > 1:
         rows = torch.arange(len(audio), device=device).repeat_interleave(beams)
@@ -295,6 +298,10 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         generated, probabilities = generated[keep], probabilities[keep]
     results = [_result(tok, generated[i].tolist(), probabilities[i].tolist(), encoded[i].letters, options)
                for i in range(len(audio))]
+    if voices is not None:
+        frames = model.front_end.num_frames(audio_lengths)
+        for i, result in enumerate(results):
+            result.voices = voices[i, :int(frames[i])].float().cpu().numpy()
     if activity is not None and options.snap_seconds > 0:
         frames = model.front_end.num_frames(audio_lengths)
         for i, result in enumerate(results):

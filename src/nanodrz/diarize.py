@@ -11,7 +11,8 @@ bounded for recordings of hours.
 When more speakers are known than the prompt has room for (the model's input length minus the
 chunk, at most the number of prompt clips seen in training), clips are first shortened down to the
 shortest clip seen in training; beyond that, the speakers heard most recently are prompted. A speaker
-left out who speaks again gets a new label: that is the known limit of prompting without embeddings.
+left out who speaks again gets a new label for now; at the end, labels whose voices match are merged
+(`relabel`), which also brings back voices the model failed to match to their prompt clip.
 
 Enrollment (`--enroll NAME=clip.wav`) puts named clips in the prompt from the first chunk on, so those
 voices come out under their names; other voices get letters A, B, ... by first appearance.
@@ -41,6 +42,7 @@ from nanodrz.errors import NanodrzError
 from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
+from nanodrz.relabel import MERGE_THRESHOLD, VoiceTally, merge_labels
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 MIN_SECONDS = 0.5
@@ -56,9 +58,13 @@ class DiarizationSettings:
     min_speakers: int = 0
     max_speakers: int | None = None
     exclusive: bool = False
+    merge_threshold: float = MERGE_THRESHOLD
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
 
     def __post_init__(self):
+        if not self.merge_threshold >= -1.0:
+            raise NanodrzError(f"--merge-threshold is a cosine similarity (at least -1, or off), "
+                               f"got {self.merge_threshold:g}")
         if self.num_speakers is not None:
             if self.num_speakers < 1:
                 raise NanodrzError("--num-speakers must be at least 1")
@@ -181,6 +187,7 @@ class RecordingState:
         self.current: np.ndarray | None = None
         self.prompted: list[KnownSpeaker] = []
         self.prompt_seconds = 0.0
+        self.voices = VoiceTally()
         self.done = False
 
     def next_input(self) -> tuple[np.ndarray, list[Turn]] | None:
@@ -228,8 +235,10 @@ class RecordingState:
             options.min_speakers = len(self.prompted) + missing
         return options
 
-    def absorb(self, turns: Sequence[Turn], scores: Sequence[float]) -> None:
-        """Map a chunk's letters to recording labels, shift times, and update speaker clips."""
+    def absorb(self, turns: Sequence[Turn], scores: Sequence[float], voices: np.ndarray | None = None,
+               frame_rate: float = 0.0) -> None:
+        """Map a chunk's letters to recording labels, shift times, and update speaker clips and, given
+        the input's (frames, E) speaker embeddings at `frame_rate`, each label's voice."""
         chunk = self.current
         chunk_seconds = len(chunk) / SAMPLE_RATE
         by_letter = {chr(ord("A") + i): speaker for i, speaker in enumerate(self.prompted)}
@@ -248,6 +257,8 @@ class RecordingState:
             speaker.last_active = max(speaker.last_active, self.offset + end)
             speaker.speech_seconds += end - start
         self._update_clips(local, chunk)
+        if voices is not None:
+            self.voices.add(local, voices, frame_rate, offset=-self.prompt_seconds)
         self.turns += [Turn(self.offset + t.start, self.offset + t.end, t.speaker) for t in local]
         self.offset += chunk_seconds
 
@@ -280,7 +291,30 @@ class RecordingState:
     def result(self) -> tuple[list[Turn], list[float]]:
         if self.loudest < SILENCE_DBFS:
             raise NanodrzError(f"{self.name}: the audio is silent (peak below {SILENCE_DBFS:g} dBFS)")
-        return stitch(self.turns, self.scores, 2 * self.geometry.time_resolution)
+        settings = self.settings
+        named = frozenset(speaker.label for speaker in self.known if speaker.enrolled)
+        centroids = self.voices.centroids()
+        unmeasured = {t.speaker for t in self.turns} - set(centroids)
+        owner = merge_labels(centroids, settings.merge_threshold, settings.min_speakers, settings.max_speakers,
+                             named, unmeasured=len(unmeasured))
+        turns = rename_by_first_turn([Turn(t.start, t.end, owner.get(t.speaker, t.speaker)) for t in self.turns],
+                                     named)
+        return stitch(turns, self.scores, 2 * self.geometry.time_resolution)
+
+
+def rename_by_first_turn(turns: Sequence[Turn], named: frozenset[str]) -> list[Turn]:
+    """Unnamed labels renamed A, B, ... in order of their first turn (names in `named` are kept and
+    never reused), so merged labels leave no gaps."""
+    names: dict[str, str] = {}
+    index = 0
+    for turn in sorted(turns, key=lambda t: (t.start, t.end)):
+        if turn.speaker in named or turn.speaker in names:
+            continue
+        while letter_label(index) in named:
+            index += 1
+        names[turn.speaker] = letter_label(index)
+        index += 1
+    return [Turn(t.start, t.end, names.get(t.speaker, t.speaker)) for t in turns]
 
 
 def letter_label(index: int) -> str:
@@ -433,7 +467,7 @@ class Diarizer:
                 results = self.decode_fn(self.model, [inputs[i][0] for i in indices], [inputs[i][1] for i in indices],
                                  options_of[indices[0]])
                 for i, result in zip(indices, results):
-                    ready[i].absorb(result.turns, result.scores)
+                    ready[i].absorb(result.turns, result.scores, result.voices, self.model.config.frame_rate)
 
     def _finish(self, state: RecordingState) -> list[Turn]:
         turns, scores = state.result()
@@ -522,6 +556,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-speakers", type=int, default=0)
     parser.add_argument("--max-speakers", type=int)
     parser.add_argument("--exclusive", action="store_true", help="at most one speaker at a time (for ASR alignment)")
+    parser.add_argument("--merge-threshold", type=merge_threshold_arg, default=MERGE_THRESHOLD, metavar="COSINE",
+                        help="merge two labels whose voices (the model's speaker embeddings where each talks "
+                             f"alone) have at least this cosine similarity (default {MERGE_THRESHOLD:g}; off = "
+                             "merge only to honour --max-speakers)")
     parser.add_argument("--enroll", action="append", default=[], metavar="NAME=CLIP",
                         help="name a speaker from an enrollment clip (repeatable)")
     parser.add_argument("--decoding", choices=("greedy", "beam", "sample"), default="greedy")
@@ -537,6 +575,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "thread; raise it for large models)")
 
 
+def merge_threshold_arg(value: str) -> float:
+    """A cosine, or "off" (never merge by similarity alone)."""
+    if value.strip().lower() == "off":
+        return float("inf")
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity or off, got {value!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
     unknown = formats - {"rttm", "json"}
@@ -546,7 +594,8 @@ def run(args: argparse.Namespace) -> int:
                                top_p=args.top_p, seed=args.seed,
                                **({} if args.snap is None else {"snap_seconds": args.snap}))
     settings = DiarizationSettings(num_speakers=args.num_speakers, min_speakers=args.min_speakers,
-                                   max_speakers=args.max_speakers, exclusive=args.exclusive, decoding=decoding)
+                                   max_speakers=args.max_speakers, exclusive=args.exclusive,
+                                   merge_threshold=args.merge_threshold, decoding=decoding)
     enroll = parse_enrollment(args.enroll)
     if args.threads is not None:
         if args.threads < 1:

@@ -38,11 +38,12 @@ from nanodrz.audio import write_audio
 from nanodrz.bank import Bank
 from nanodrz.checkpoint import weights_path
 from nanodrz.config import to_dict
-from nanodrz.diarize import SHIPPED_MODEL, Diarizer, find_audio
+from nanodrz.diarize import SHIPPED_MODEL, DiarizationSettings, Diarizer, find_audio, merge_threshold_arg
 from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import DEFAULT_COLLARS, EvaluationReport, label_consistency, load_turns, score
 from nanodrz.fileio import atomic_open, atomic_path, write_json
 from nanodrz.paths import default_bank_dir
+from nanodrz.relabel import MERGE_THRESHOLD
 from nanodrz.simulate import (SimulationConfig, as_range, check_bank, conversation_rng, load_preset,
                               simulate_conversation, speech_activity)
 
@@ -362,10 +363,10 @@ def reuse(earlier: SystemResult, source: str, name: str, test_set: TestSet, out:
     return dataclasses.replace(earlier, hypotheses=str(relative), same_as=source)
 
 
-def nanodrz_runner(diarizer: Diarizer, batch_size: int):
+def nanodrz_runner(diarizer: Diarizer, batch_size: int, settings: DiarizationSettings):
     def diarize_set(test_set: TestSet, bar: tqdm) -> tuple[dict[str, list[Turn]], list[str]]:
         hypotheses, failed = {}, []
-        for uri, outcome in diarizer.diarize_many(test_set.recordings, batch_size=batch_size):
+        for uri, outcome in diarizer.diarize_many(test_set.recordings, settings, batch_size=batch_size):
             if isinstance(outcome, NanodrzError):
                 failed.append(str(outcome))
             else:
@@ -510,7 +511,8 @@ def write_report(out: Path, results: dict) -> None:
         "# nanodrz sweep",
         "",
         f"- model: `{results['model']}` (step {results['model_step']}), device {results['device']}, "
-        f"batch size {results['batch_size']}, {results['torch_threads']} torch threads",
+        f"batch size {results['batch_size']}, {results['torch_threads']} torch threads, label-merging threshold "
+        f"{results.get('merge_threshold', 'none')}",
         f"- systems: {', '.join(systems)}",
         f"- simulated sets: bank `{results['bank']}`, split `{results['split']}`, seed {results['seed']}, "
         f"{results['per_point']} files per point (fewer for long recordings: about {results['per_point']} x "
@@ -569,6 +571,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "20 and 60 s), fewer files")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="recordings decoded together (default: 8)")
+    parser.add_argument("--merge-threshold", type=merge_threshold_arg, default=MERGE_THRESHOLD, metavar="COSINE",
+                        help=f"nanodrz diarize's label-merging threshold (default: {MERGE_THRESHOLD:g})")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -683,7 +687,8 @@ def run(args: argparse.Namespace) -> int:
             raise NanodrzError("--reuse-baseline needs --baseline")
         earlier_runs[args.baseline] = earlier_baseline_runs(out, args.baseline)
     model_path = args.model if args.model is not None else SHIPPED_MODEL
-    systems = {OURS: nanodrz_runner(Diarizer.from_pretrained(args.model, args.device), args.batch_size)}
+    settings = DiarizationSettings(merge_threshold=args.merge_threshold)
+    systems = {OURS: nanodrz_runner(Diarizer.from_pretrained(args.model, args.device), args.batch_size, settings)}
     if args.baseline == "senko":
         from nanodrz.baseline import SenkoBaseline
 
@@ -699,6 +704,7 @@ def run(args: argparse.Namespace) -> int:
         "model_step": checkpoint_step(model_path),
         "device": args.device,
         "batch_size": args.batch_size,
+        "merge_threshold": args.merge_threshold if args.merge_threshold != float("inf") else "off",
         "torch_threads": torch.get_num_threads(),
         "systems": list(systems),
         "bank": str(bank.root) if bank is not None else None,
