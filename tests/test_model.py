@@ -8,12 +8,16 @@ from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 SR = 16000
 
 
-def make_model(attention: str = "prefix", time_embedding: bool = True, rope_fraction: float = 1.0) -> DiarizationModel:
+def make_model(attention: str = "prefix", time_embedding: bool = True, rope_fraction: float = 1.0,
+               time_pointer: bool = False) -> DiarizationModel:
     torch.manual_seed(0)
     tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
     config = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_mels=40, attention=attention,
-                         time_embedding=time_embedding, rope_fraction=rope_fraction)
-    return DiarizationModel(config, tokenizer).eval()
+                         time_embedding=time_embedding, rope_fraction=rope_fraction, time_pointer=time_pointer)
+    model = DiarizationModel(config, tokenizer).eval()
+    if time_pointer:  # it starts at zero; make it count
+        torch.nn.init.normal_(model.pointer_query.weight, std=0.5)
+    return model
 
 
 def random_batch(generator: torch.Generator, model: DiarizationModel):
@@ -80,9 +84,10 @@ def test_late_audio_reaches_early_audio_only_in_prefix_mode(attention):
     assert not torch.allclose(a[:, -9:], b[:, -9:])  # tokens always see all audio
 
 
-@pytest.mark.parametrize("attention, rope_fraction", [("prefix", 1.0), ("causal", 1.0), ("prefix", 0.5)])
-def test_padding_does_not_change_results(attention, rope_fraction):
-    model = make_model(attention, rope_fraction=rope_fraction)
+@pytest.mark.parametrize("attention, rope_fraction, time_pointer",
+                         [("prefix", 1.0, False), ("causal", 1.0, False), ("prefix", 0.5, False), ("prefix", 1.0, True)])
+def test_padding_does_not_change_results(attention, rope_fraction, time_pointer):
+    model = make_model(attention, rope_fraction=rope_fraction, time_pointer=time_pointer)
     audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(3), model)
     with torch.no_grad():
         batched = model(audio, audio_lengths, tokens, token_lengths)
@@ -92,9 +97,10 @@ def test_padding_does_not_change_results(attention, rope_fraction):
             torch.testing.assert_close(batched[i, :m], alone[0], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("time_embedding, rope_fraction", [(True, 1.0), (False, 1.0), (True, 0.5)])
-def test_kv_cache_generation_equals_full_recomputation(time_embedding, rope_fraction):
-    model = make_model(time_embedding=time_embedding, rope_fraction=rope_fraction)
+@pytest.mark.parametrize("time_embedding, rope_fraction, time_pointer",
+                         [(True, 1.0, False), (False, 1.0, False), (True, 0.5, False), (True, 1.0, True)])
+def test_kv_cache_generation_equals_full_recomputation(time_embedding, rope_fraction, time_pointer):
+    model = make_model(time_embedding=time_embedding, rope_fraction=rope_fraction, time_pointer=time_pointer)
     audio, audio_lengths, tokens, _ = random_batch(torch.Generator().manual_seed(4), model)
     prompt_lengths = torch.tensor([3, 1])
     cache, logits, pos = model.prefill(audio, audio_lengths, tokens[:, :3], prompt_lengths, max_new_tokens=6)
@@ -153,3 +159,23 @@ def test_activity_head_outputs_one_row_per_audio_frame():
         torch.testing.assert_close(cache.activity[i, :n], torch.sigmoid(activity[i, :n]), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="no activity head"):
         make_model()(audio, audio_lengths, tokens, token_lengths, activity=True)
+
+
+def test_time_pointer_scores_each_time_token_by_the_frame_at_that_time():
+    model = make_model(time_pointer=True)
+    tok = model.tokenizer
+    logits = torch.zeros(1, 2, tok.vocab_size)
+    hidden = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(5))
+    keys = torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(6))
+    frames = torch.tensor([40])
+    with torch.no_grad():
+        out = model.add_pointer(logits, hidden, keys, frames)
+        expected = model.pointer_query(hidden) @ keys.transpose(1, 2) / 32 ** 0.5
+    # 25 frames per second and 40 ms time tokens: time token k is frame k.
+    for k in (0, 7, 39):
+        torch.testing.assert_close(out[0, :, tok.time_offset + k], expected[0, :, k])
+    assert out[0, :, tok.time_offset + 40:tok.speaker_offset].abs().max() == 0  # past the real frames
+    assert out[0, :, :tok.time_offset].abs().max() == 0 and out[0, :, tok.speaker_offset:].abs().max() == 0
+    assert make_model(time_pointer=True).pointer_query.weight.abs().max() > 0
+    fresh = DiarizationModel(model.config, tok)
+    assert fresh.pointer_query.weight.abs().max() == 0  # a grown model starts as the same function

@@ -144,6 +144,19 @@ def test_activity_head_learns_and_grows_from_a_run_without_one(tiny_bank, tmp_pa
     assert np.mean(activity[-5:]) < 0.8 * np.mean(activity[:5])
 
 
+def test_freeze_loaded_trains_only_the_grown_parameters(tiny_bank, tmp_path):
+    plain, grown = tmp_path / "plain", tmp_path / "grown"
+    train(tiny_config(tiny_bank, plain, "train.steps=2", "train.eval_interval=2"))
+    train(tiny_config(tiny_bank, grown, "train.steps=4", "train.eval_interval=4", "model.time_pointer=true",
+                      "optim.freeze_loaded=true", f"train.init_from={plain / 'last.safetensors'}"))
+    before, after = load_model(plain).state_dict(), load_model(grown).state_dict()
+    assert set(after) - set(before) == {"pointer_query.weight", "pointer_key.weight"}
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert after["pointer_query.weight"].abs().max() > 0
+    with pytest.raises(NanodrzError, match="freeze_loaded"):
+        train(tiny_config(tiny_bank, tmp_path / "alone", "train.steps=2", "optim.freeze_loaded=true"))
+
+
 def test_example_spans_carry_the_letters_of_the_tokens(tiny_bank):
     tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=12, num_speakers=4))
     config = ExampleConfig(chunk_seconds=(4.0, 6.0), prompt_probability=1.0, prompt_clip_seconds=(1.0, 2.0))

@@ -16,6 +16,11 @@ One sequence per example: audio positions (from the front end), then tokens
   audio frame i gets P(i / frame_rate) added. A time token and the frames at that time therefore start
   out similar, and because the output layer is tied to the same table, writing a time is a lookup of
   frames at that time.
+* `time_pointer: true` adds to every time token's logit a pointer score: the match between the
+  writing position's query and the final state of the audio frame at that time (attention-style,
+  content against content). The tied output layer can only say *where* by reproducing a position
+  code; the pointer lets a frame that sounds like a turn boundary vote for itself. The query starts at
+  zero, so a model grown by it starts as the same function.
 * Generation uses a KV cache: the prefix (audio + prompt tokens) is run once, then one token per step.
 * `activity_head: true` adds a linear read-out of every audio position's final state: which speaker
   letters are talking in that frame (letters in order of first appearance, the tokens' own lettering, so
@@ -44,7 +49,8 @@ class ModelConfig:
     """front_end: a name in `features.FRONT_ENDS`; frame_rate: audio positions per second after the stem;
     span_voices: add to each end-time and label token the voice of its triple's span (needs a front end
     with window embeddings, `campplus_windows`); voice_similarity: add to the letter logits after each
-    end time the cosine between the span's voice and each letter's voice so far (needs span_voices)."""
+    end time the cosine between the span's voice and each letter's voice so far (needs span_voices);
+    time_pointer: add a frame-pointer score to the time-token logits (see the module docstring)."""
 
     front_end: str = "mel"
     frame_rate: float = 25.0
@@ -61,6 +67,7 @@ class ModelConfig:
     activity_head: bool = False
     span_voices: bool = False
     voice_similarity: bool = False
+    time_pointer: bool = False
 
     def __post_init__(self):
         if self.front_end not in FRONT_ENDS:
@@ -153,6 +160,8 @@ class KVCache:
         self.activity: torch.Tensor | None = None  # (B, T, num_speakers) probabilities, from `prefill`
         self.voices: torch.Tensor | None = None  # (B, T, E) window embeddings, for span voices
         self.spans: SpanState | None = None
+        self.pointer_keys: torch.Tensor | None = None  # (B, T, d) frame keys, for the time pointer
+        self.frames: torch.Tensor | None = None  # (B,) real audio frames
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
@@ -161,6 +170,8 @@ class KVCache:
         self.pos, self.valid, self.audio = self.pos[rows], self.valid[rows], self.audio[rows]
         if self.voices is not None:
             self.voices, self.spans = self.voices[rows], self.spans.select(rows)
+        if self.pointer_keys is not None:
+            self.pointer_keys, self.frames = self.pointer_keys[rows], self.frames[rows]
 
     def append(self, pos: torch.Tensor, valid: torch.Tensor, audio: torch.Tensor) -> slice:
         new = slice(self.length, self.length + pos.shape[1])
@@ -229,6 +240,10 @@ class DiarizationModel(nn.Module):
         if config.voice_similarity:  # starts as nearest-centroid assignment: see `span_inputs`
             self.similarity_scale = nn.Parameter(torch.tensor(SIMILARITY_SCALE))
             self.similarity_threshold = nn.Parameter(torch.tensor(SIMILARITY_THRESHOLD))
+        self.pointer_query = self.pointer_key = None
+        if config.time_pointer:
+            self.pointer_query = nn.Linear(config.d_model, config.d_model, bias=False)
+            self.pointer_key = nn.Linear(config.d_model, config.d_model, bias=False)
         token_seconds = torch.zeros(tokenizer.vocab_size)
         is_time = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         times = torch.arange(tokenizer.num_time_tokens)
@@ -249,6 +264,10 @@ class DiarizationModel(nn.Module):
             nn.init.normal_(self.time_projection.weight, std=0.02 * math.sqrt(2 / config.d_model))
         if self.span_projection is not None:
             nn.init.zeros_(self.span_projection.weight)  # a grown checkpoint starts as the same function
+        if self.pointer_query is not None:
+            nn.init.zeros_(self.pointer_query.weight)  # likewise
+        time_frames = torch.round(times * tokenizer.resolution * config.frame_rate).long()
+        self.register_buffer("time_token_frames", time_frames, persistent=False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -349,7 +368,10 @@ class DiarizationModel(nn.Module):
         if voices is not None:
             extra, bias, _ = self.span_inputs(tokens, token_lengths, self.empty_span_state(voices), voices)
         hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, token_extra=extra)
-        logits = self.add_letter_bias(hidden[:, -tokens.shape[1]:] @ table.T, bias)
+        token_hidden = hidden[:, -tokens.shape[1]:]
+        logits = self.add_letter_bias(token_hidden @ table.T, bias)
+        if self.pointer_query is not None:
+            logits = self.add_pointer(logits, token_hidden, self.pointer_key(hidden[:, :audio_x.shape[1]]), frames)
         if not activity:
             return logits
         if self.activity is None:
@@ -407,7 +429,11 @@ class DiarizationModel(nn.Module):
         rows = torch.arange(audio.shape[0])
         last = hidden[rows, audio_x.shape[1] + token_lengths - 1]
         last_bias = None if bias is None else bias[rows, token_lengths - 1]
-        return cache, self.add_letter_bias(last @ table.T, last_bias), frames + token_lengths
+        logits = self.add_letter_bias(last @ table.T, last_bias)
+        if self.pointer_query is not None:
+            cache.pointer_keys, cache.frames = self.pointer_key(hidden[:, :audio_x.shape[1]]), frames
+            logits = self.add_pointer(logits[:, None], last[:, None], cache.pointer_keys, frames)[:, 0]
+        return cache, logits, frames + token_lengths
 
     @torch.no_grad()
     def step(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -426,7 +452,24 @@ class DiarizationModel(nn.Module):
                               cache.audio[:, :slots.stop], self.config.attention == "prefix")
         for layer, block in enumerate(self.blocks):
             x = block(x, pos, mask, cache, layer, slots)
-        return self.add_letter_bias(self.norm(x)[:, 0] @ cache.table.T, bias)
+        x = self.norm(x)
+        logits = self.add_letter_bias(x[:, 0] @ cache.table.T, bias)
+        if self.pointer_query is not None:
+            logits = self.add_pointer(logits[:, None], x, cache.pointer_keys, cache.frames)[:, 0]
+        return logits
+
+    def add_pointer(self, logits: torch.Tensor, hidden: torch.Tensor, keys: torch.Tensor, frames: torch.Tensor
+                    ) -> torch.Tensor:
+        """(B, N, vocab) logits with, on each time token's column, the scaled dot product of the
+        position's pointer query (from `hidden` (B, N, d)) and the key (B, T, d) of the frame at that
+        time; times at or past an item's last real frame (of `frames`) get nothing."""
+        scores = self.pointer_query(hidden) @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
+        index = self.time_token_frames.clamp(max=keys.shape[1] - 1)
+        pointed = scores[..., index] * (self.time_token_frames[None, :] < frames[:, None])[:, None, :]
+        first = self.tokenizer.time_offset
+        last = first + self.tokenizer.num_time_tokens
+        return torch.cat([logits[..., :first], logits[..., first:last] + pointed.to(logits.dtype), logits[..., last:]],
+                         dim=-1)
 
     def add_letter_bias(self, logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """(..., vocab) logits with (..., K) added to the speaker letters' columns."""

@@ -20,7 +20,7 @@ import numpy as np
 from nanodrz.annotation import Turn
 from nanodrz.examples import single_speaker_stretches
 
-# Chosen on validation speakers (benchmarks/merge_threshold.py); see MODEL_CARD.md.
+# Chosen on validation speakers: benchmarks/results/merge_threshold.md.
 MERGE_THRESHOLD = 0.85
 WINDOW_SECONDS = 1.5
 MIN_STRETCH_SECONDS = 0.5

@@ -82,7 +82,8 @@ class OptimConfig:
     """AdamW with linear warmup then cosine decay to min_lr; no weight decay on norms, biases, embeddings.
     new_lr_scale multiplies the learning rate of the parameters `train.init_from` did not provide: layers
     grown onto a trained model start at zero, and at the trained layers' rate (Adam moves every weight by
-    about lr per step) they would take thousands of steps to matter."""
+    about lr per step) they would take thousands of steps to matter. freeze_loaded trains only those new
+    parameters: the grown model keeps what it could already do, and a step costs a forward pass."""
 
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -91,6 +92,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     new_lr_scale: float = 1.0
+    freeze_loaded: bool = False
 
 
 @dataclass
@@ -198,6 +200,8 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig, new_names: Iter
     new_names = set(new_names)
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
         decayed = parameter.dim() >= 2 and "embedding" not in name
         groups.setdefault((decayed, name in new_names), []).append(parameter)
     return [{"params": parameters, "weight_decay": optim.weight_decay if decayed else 0.0,
@@ -421,6 +425,12 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
         if env.main:
             print(f"nanodrz train: {len(copied)} of {len(model.state_dict())} tensors copied from "
                   f"{config.train.init_from}")
+    if config.optim.freeze_loaded:
+        if not new_names:
+            raise NanodrzError("optim.freeze_loaded needs train.init_from and a model with parameters it does "
+                               "not provide")
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in new_names)
     model.to(env.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.optim, new_names), lr=config.optim.lr,
                                   betas=config.optim.betas, fused=env.device.type == "cuda")
