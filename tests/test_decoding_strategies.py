@@ -116,3 +116,22 @@ def test_bad_options_are_errors():
     for bad in ({"strategy": "magic"}, {"beam_size": 0}, {"top_p": 0.0}, {"temperature": 0.0}):
         with pytest.raises(NanodrzError):
             DecodingOptions(**bad)
+
+
+def looping(history):
+    """A model stuck on one turn: after each triple it wants the same one again, unless the start has
+    moved past 1.0 s, where it writes one more turn and stops."""
+    slot = len(history) % 3
+    if slot == 0:
+        if history and TOK.time_of(history[-3]) > 1.0:
+            return {TOK.EOS: 0.9}
+        return {T(1.0): 0.9, T(3.0): 0.05, TOK.EOS: 0.01}
+    if slot == 1:
+        return {T(2.0): 0.9} if history[-1] == T(1.0) else {T(4.0): 0.9}
+    return {A: 0.9} if history[-2] == T(1.0) else {B: 0.9}
+
+
+def test_a_start_is_shared_by_at_most_one_triple_per_speaker_so_loops_move_on():
+    for options in (DecodingOptions(max_speakers=2), DecodingOptions(max_speakers=2, strategy="beam", beam_size=2)):
+        result = decode(ScriptedModel(looping), AUDIO, None, options)[0]
+        assert result.turns == [Turn(1.0, 2.0, "A"), Turn(1.0, 2.0, "A"), Turn(3.0, 4.0, "B")]

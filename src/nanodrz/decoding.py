@@ -82,7 +82,8 @@ class GrammarState:
     (0 start, 1 end, 2 speaker) is shared; finished items keep being fed EOS.
 
     Times are token ids: `min_time`/`max_time` bound the chunk, `last_start` is the start of the
-    previous triple, `letters_used` counts letters so far (prompt letters included)."""
+    previous triple, `ties` how many triples in a row start there, `letters_used` counts letters so far
+    (prompt letters included)."""
 
     def __init__(self, tokenizer: Tokenizer, min_time: torch.Tensor, max_time: torch.Tensor,
                  letters_used: torch.Tensor, max_speakers: int, max_triples: int, min_speakers: int = 0):
@@ -95,6 +96,7 @@ class GrammarState:
         self.triples = 0
         self.last_start = min_time.clone()
         self.current_start = min_time.clone()
+        self.ties = torch.zeros_like(min_time)
         self.finished = torch.zeros_like(min_time, dtype=torch.bool)
 
     def update(self, tokens: torch.Tensor) -> None:
@@ -103,6 +105,8 @@ class GrammarState:
             self.finished |= tokens == tok.EOS
             self.current_start = torch.where(self.finished, self.current_start, tokens)
         elif self.slot == 2:
+            tied = (self.current_start == self.last_start) & (self.ties > 0)
+            self.ties = torch.where(tied, self.ties + 1, torch.ones_like(self.ties))
             self.last_start = self.current_start.clone()
             new_letter = (tokens == tok.speaker_offset + self.letters_used) & ~self.finished
             self.letters_used = self.letters_used + new_letter.long()
@@ -111,7 +115,7 @@ class GrammarState:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Follow a re-ranking of beams: row r now continues old row `rows[r]`."""
-        for name in ("min_time", "max_time", "letters_used", "last_start", "current_start", "finished"):
+        for name in ("min_time", "max_time", "letters_used", "last_start", "current_start", "ties", "finished"):
             setattr(self, name, getattr(self, name)[rows])
 
 
@@ -153,10 +157,16 @@ class SlotFilter(LogitFilter):
 
 
 class TimeOrderFilter(LogitFilter):
+    """Starts never go back; ends come after their start. At most `max_speakers` triples share a start
+    (one per speaker): beyond that the model is repeating itself, a loop that would otherwise fill the
+    whole answer with copies of one turn, so the next start must move on."""
+
     def apply(self, logits, state):
         ids, is_time = _time_ids(logits, state.tokenizer)
         if state.slot == 0:
-            logits[is_time & (ids < state.last_start[:, None])] = -torch.inf
+            move_on = (state.ties >= state.max_speakers) & (state.last_start + 1 < state.max_time)
+            earliest = state.last_start + move_on.long()
+            logits[is_time & (ids < earliest[:, None])] = -torch.inf
         elif state.slot == 1:
             logits[is_time & (ids <= state.current_start[:, None])] = -torch.inf
 
