@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nanodrz.annotation import Turn
-from nanodrz.decoding import (DecodingOptions, GrammarState, LengthFilter, SlotFilter, SpeakerFilter,
+from nanodrz.decoding import (GRAMMAR, DecodingOptions, GrammarState, LengthFilter, SlotFilter, SpeakerFilter,
                               TimeOrderFilter, TimeRangeFilter, decode)
 from nanodrz.errors import NanodrzError
 from nanodrz.model import DiarizationModel, ModelConfig
@@ -65,6 +65,23 @@ def test_time_order_filter(tok):
     logits = torch.zeros(1, tok.vocab_size)
     TimeOrderFilter().apply(logits, state)
     assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 3.5, 4.0, 4.5, 5.0)
+
+
+def test_ties_beyond_one_per_speaker_move_the_start_on_and_a_dead_end_ends(tok):
+    state = state_for(tok, max_speakers=2)
+    for token in times(tok, 2.0, 3.0) + [tok.speaker_token("A")] + times(tok, 2.0, 3.0) + [tok.speaker_token("B")]:
+        state.update(torch.tensor([token]))
+    assert int(state.ties[0]) == 2
+    logits = torch.zeros(1, tok.vocab_size)
+    TimeOrderFilter().apply(logits, state)
+    assert [t for t in allowed(logits) if tok.is_time(t)][0] == tok.time_token(2.5)
+    # Stuck at the last start while a minimum speaker count refuses EOS: EOS all the same.
+    state.last_start[:] = tok.time_token(5.0) - 1
+    state.min_speakers = 3
+    logits = torch.zeros(1, tok.vocab_size)
+    for grammar_filter in GRAMMAR:
+        grammar_filter.apply(logits, state)
+    assert allowed(logits) == [tok.EOS]
 
 
 def test_time_range_filter(tok):

@@ -135,3 +135,20 @@ def test_a_start_is_shared_by_at_most_one_triple_per_speaker_so_loops_move_on():
     for options in (DecodingOptions(max_speakers=2), DecodingOptions(max_speakers=2, strategy="beam", beam_size=2)):
         result = decode(ScriptedModel(looping), AUDIO, None, options)[0]
         assert result.turns == [Turn(1.0, 2.0, "A"), Turn(1.0, 2.0, "A"), Turn(3.0, 4.0, "B")]
+
+
+def early_stopper(history):
+    """Likes to stop after one turn (EOS 0.6), though a second turn is there to write."""
+    path = [T(1.0), T(2.0), A, T(3.0), T(4.0), B]
+    if len(history) == 3:
+        return {TOK.EOS: 0.6, T(3.0): 0.35}
+    return {path[len(history)]: 0.95} if len(history) < len(path) else {TOK.EOS: 1.0}
+
+
+def test_eos_penalty_keeps_a_model_that_stops_early_writing():
+    model = ScriptedModel(early_stopper)
+    assert decode(model, AUDIO, None, DecodingOptions())[0].turns == [Turn(1.0, 2.0, "A")]
+    assert decode(model, AUDIO, None, DecodingOptions(eos_penalty=1.0))[0].turns == [Turn(1.0, 2.0, "A"),
+                                                                                       Turn(3.0, 4.0, "B")]
+    with pytest.raises(NanodrzError, match="eos_penalty"):
+        DecodingOptions(eos_penalty=-1.0)

@@ -39,7 +39,8 @@ class DecodingOptions:
     keep_noise: also return turns the model labelled NOISE (speaker "NOISE"); beam_size: beams per
     input for "beam"; temperature, top_p, seed: nucleus sampling for "sample"; snap_seconds: with a
     model that has an activity head, move each written boundary to the nearest point within this many
-    seconds where the head's probability for that speaker crosses 0.5 (0 = keep the written times)."""
+    seconds where the head's probability for that speaker crosses 0.5 (0 = keep the written times);
+    eos_penalty: subtracted from the EOS logit (nats), for more recall where a model stops too early."""
 
     strategy: Literal["greedy", "beam", "sample"] = "greedy"
     max_triples: int = 64
@@ -51,6 +52,7 @@ class DecodingOptions:
     top_p: float = 0.9
     seed: int = 0
     snap_seconds: float = 0.0
+    eos_penalty: float = 0.0
 
     def __post_init__(self):
         if self.snap_seconds < 0:
@@ -59,6 +61,8 @@ class DecodingOptions:
             raise NanodrzError(f"unknown decoding strategy {self.strategy!r} (greedy, beam or sample)")
         if self.beam_size < 1 or self.max_triples < 1:
             raise NanodrzError("beam_size and max_triples must be at least 1")
+        if not self.eos_penalty >= 0:
+            raise NanodrzError("eos_penalty must not be negative")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise NanodrzError("temperature must be positive and top_p in (0, 1]")
 
@@ -164,8 +168,7 @@ class TimeOrderFilter(LogitFilter):
     def apply(self, logits, state):
         ids, is_time = _time_ids(logits, state.tokenizer)
         if state.slot == 0:
-            move_on = (state.ties >= state.max_speakers) & (state.last_start + 1 < state.max_time)
-            earliest = state.last_start + move_on.long()
+            earliest = state.last_start + (state.ties >= state.max_speakers).long()
             logits[is_time & (ids < earliest[:, None])] = -torch.inf
         elif state.slot == 1:
             logits[is_time & (ids <= state.current_start[:, None])] = -torch.inf
@@ -204,7 +207,16 @@ class LengthFilter(LogitFilter):
             logits[:, eos] = keep
 
 
-GRAMMAR = (SlotFilter(), TimeOrderFilter(), TimeRangeFilter(), SpeakerFilter(), LengthFilter())
+class DeadEndFilter(LogitFilter):
+    """Where the rules above leave nothing (a start forced past the end while a minimum speaker count
+    still refuses EOS), EOS: the answer cannot go on."""
+
+    def apply(self, logits, state):
+        stuck = torch.isinf(logits).all(dim=-1) & (logits < 0).all(dim=-1)
+        logits[stuck, state.tokenizer.EOS] = 0.0
+
+
+GRAMMAR = (SlotFilter(), TimeOrderFilter(), TimeRangeFilter(), SpeakerFilter(), LengthFilter(), DeadEndFilter())
 
 
 def choose(logits: torch.Tensor, options: DecodingOptions, generator: torch.Generator | None) -> torch.Tensor:
@@ -284,6 +296,8 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     lengths = torch.zeros(len(audio) * beams, device=device)
     for _ in range(max_new):
         logits = logits.float()
+        if options.eos_penalty:
+            logits[:, tok.EOS] -= options.eos_penalty
         for grammar_filter in GRAMMAR:
             grammar_filter.apply(logits, state)
         if beams > 1:

@@ -567,6 +567,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0, help="seed for --decoding sample")
+    parser.add_argument("--eos-penalty", type=float, default=DecodingOptions.eos_penalty, metavar="NATS",
+                        help="subtracted from the end-of-answer logit: higher keeps the model writing turns "
+                             f"(default {DecodingOptions.eos_penalty:g})")
     parser.add_argument("--snap", type=float, metavar="SECONDS",
                         help="move turn boundaries to the model's frame-level speaker activity within this reach "
                              f"(models with an activity head; default {DecodingOptions.snap_seconds:g}, 0 = off)")
@@ -591,7 +594,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not formats:
         raise NanodrzError(f"--format takes rttm and/or json, not {', '.join(sorted(unknown)) or 'nothing'}")
     decoding = DecodingOptions(strategy=args.decoding, beam_size=args.beam_size, temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed,
+                               top_p=args.top_p, seed=args.seed, eos_penalty=args.eos_penalty,
                                **({} if args.snap is None else {"snap_seconds": args.snap}))
     settings = DiarizationSettings(num_speakers=args.num_speakers, min_speakers=args.min_speakers,
                                    max_speakers=args.max_speakers, exclusive=args.exclusive,

@@ -38,6 +38,7 @@ from nanodrz.audio import write_audio
 from nanodrz.bank import Bank
 from nanodrz.checkpoint import weights_path
 from nanodrz.config import to_dict
+from nanodrz.decoding import DecodingOptions
 from nanodrz.diarize import SHIPPED_MODEL, DiarizationSettings, Diarizer, find_audio, merge_threshold_arg
 from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import DEFAULT_COLLARS, EvaluationReport, label_consistency, load_turns, score
@@ -512,7 +513,7 @@ def write_report(out: Path, results: dict) -> None:
         "",
         f"- model: `{results['model']}` (step {results['model_step']}), device {results['device']}, "
         f"batch size {results['batch_size']}, {results['torch_threads']} torch threads, label-merging threshold "
-        f"{results.get('merge_threshold', 'none')}",
+        f"{results.get('merge_threshold', 'none')}, EOS penalty {results.get('eos_penalty', 0)}",
         f"- systems: {', '.join(systems)}",
         f"- simulated sets: bank `{results['bank']}`, split `{results['split']}`, seed {results['seed']}, "
         f"{results['per_point']} files per point (fewer for long recordings: about {results['per_point']} x "
@@ -573,6 +574,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="recordings decoded together (default: 8)")
     parser.add_argument("--merge-threshold", type=merge_threshold_arg, default=MERGE_THRESHOLD, metavar="COSINE",
                         help=f"nanodrz diarize's label-merging threshold (default: {MERGE_THRESHOLD:g})")
+    parser.add_argument("--eos-penalty", type=float, default=DecodingOptions.eos_penalty, metavar="NATS",
+                        help=f"nanodrz diarize's EOS penalty (default: {DecodingOptions.eos_penalty:g})")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -687,7 +690,8 @@ def run(args: argparse.Namespace) -> int:
             raise NanodrzError("--reuse-baseline needs --baseline")
         earlier_runs[args.baseline] = earlier_baseline_runs(out, args.baseline)
     model_path = args.model if args.model is not None else SHIPPED_MODEL
-    settings = DiarizationSettings(merge_threshold=args.merge_threshold)
+    settings = DiarizationSettings(merge_threshold=args.merge_threshold,
+                                   decoding=DecodingOptions(eos_penalty=args.eos_penalty))
     systems = {OURS: nanodrz_runner(Diarizer.from_pretrained(args.model, args.device), args.batch_size, settings)}
     if args.baseline == "senko":
         from nanodrz.baseline import SenkoBaseline
@@ -705,6 +709,7 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device,
         "batch_size": args.batch_size,
         "merge_threshold": args.merge_threshold if args.merge_threshold != float("inf") else "off",
+        "eos_penalty": args.eos_penalty,
         "torch_threads": torch.get_num_threads(),
         "systems": list(systems),
         "bank": str(bank.root) if bank is not None else None,
