@@ -99,8 +99,8 @@ def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy():
 
 def test_min_speakers_refuses_an_early_eos():
     model = ScriptedModel(lambda history: {TOK.EOS: 0.9, T(1.0 + len(history) / 10): 0.05, B: 0.02, A: 0.01})
-    assert decode(model, AUDIO, None, DecodingOptions())[0].turns == []
-    turns = decode(model, AUDIO, None, DecodingOptions(min_speakers=2))[0].turns
+    assert decode(model, AUDIO, None, DecodingOptions(eos_penalty=0.0))[0].turns == []
+    turns = decode(model, AUDIO, None, DecodingOptions(min_speakers=2, eos_penalty=0.0))[0].turns
     assert len({t.speaker for t in turns}) == 2
 
 
@@ -147,7 +147,7 @@ def early_stopper(history):
 
 def test_eos_penalty_keeps_a_model_that_stops_early_writing():
     model = ScriptedModel(early_stopper)
-    assert decode(model, AUDIO, None, DecodingOptions())[0].turns == [Turn(1.0, 2.0, "A")]
+    assert decode(model, AUDIO, None, DecodingOptions(eos_penalty=0.0))[0].turns == [Turn(1.0, 2.0, "A")]
     assert decode(model, AUDIO, None, DecodingOptions(eos_penalty=1.0))[0].turns == [Turn(1.0, 2.0, "A"),
                                                                                        Turn(3.0, 4.0, "B")]
     with pytest.raises(NanodrzError, match="eos_penalty"):
