@@ -213,8 +213,7 @@ class DeadEndFilter(LogitFilter):
     still refuses EOS), EOS: the answer cannot go on."""
 
     def apply(self, logits, state):
-        stuck = torch.isinf(logits).all(dim=-1) & (logits < 0).all(dim=-1)
-        logits[stuck, state.tokenizer.EOS] = 0.0
+        logits[(logits == -torch.inf).all(dim=-1), state.tokenizer.EOS] = 0.0
 
 
 GRAMMAR = (SlotFilter(), TimeOrderFilter(), TimeRangeFilter(), SpeakerFilter(), LengthFilter(), DeadEndFilter())
@@ -323,12 +322,13 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         generated, probabilities = generated[keep], probabilities[keep]
     results = [_result(tok, generated[i].tolist(), probabilities[i].tolist(), encoded[i].letters, options)
                for i in range(len(audio))]
-    if voices is not None:
+    snapping = activity is not None and options.snap_seconds > 0
+    if voices is not None or snapping:
         frames = model.front_end.num_frames(audio_lengths)
+    if voices is not None:
         for i, result in enumerate(results):
             result.voices = voices[i, :int(frames[i])].float().cpu().numpy()
-    if activity is not None and options.snap_seconds > 0:
-        frames = model.front_end.num_frames(audio_lengths)
+    if snapping:
         for i, result in enumerate(results):
             result.turns = [snap_turn(turn, activity[i, :int(frames[i])].cpu(), model.config.frame_rate,
                                       options.snap_seconds) for turn in result.turns]
