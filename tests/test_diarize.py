@@ -71,13 +71,18 @@ def tone_decode(model, audio, prompts, options) -> list[DecodingResult]:
                 letter_of[voice] = chr(ord("A") + len(letter_of))
             turns.append(Turn(index / 50, end / 50, letter_of[voice]))
             index = end
-        # The voice of each 20 ms frame, as the model's front end gives one: here one-hot per tone.
-        embeddings = np.zeros((len(voices), len(TONES)), dtype=np.float32)
-        for index, voice in enumerate(voices):
-            if voice is not None:
-                embeddings[index, voice] = 1.0
-        results.append(DecodingResult(turns, [1.0] * len(turns), [], {}, voices=embeddings))
+        results.append(DecodingResult(turns, [1.0] * len(turns), [], {}))
     return results
+
+
+def tone_voices(audio: np.ndarray) -> np.ndarray:
+    """The voice of each 20 ms frame, as the model's front end gives one: here one-hot per tone."""
+    voices = frame_voices(audio)
+    embeddings = np.zeros((len(voices), len(TONES)), dtype=np.float32)
+    for index, voice in enumerate(voices):
+        if voice is not None:
+            embeddings[index, voice] = 1.0
+    return embeddings
 
 
 class ToneModel:
@@ -92,7 +97,7 @@ class ToneModel:
 def tone_diarizer(chunk=6.0, max_seconds=12.0, clips=(1.0, 2.0), max_prompt_speakers=4) -> Diarizer:
     config = {"data": {"examples": {"chunk_seconds": [3.0, chunk], "prompt_clip_seconds": list(clips),
                                     "max_prompt_speakers": max_prompt_speakers}}}
-    return Diarizer(ToneModel(max_seconds), config, decode_fn=tone_decode)
+    return Diarizer(ToneModel(max_seconds), config, decode_fn=tone_decode, voice_function=tone_voices)
 
 
 def labels_by_voice(turns: list[Turn], reference: list[tuple[float, float, int]]) -> dict[int, set[str]]:
@@ -129,13 +134,13 @@ def test_more_speakers_than_prompt_slots_prompts_the_most_recent_and_merging_res
                  (15.0, 17.0, 3), (19.0, 21.0, 0)]
     diarizer = tone_diarizer(chunk=6.0, max_seconds=12.0, clips=(1.0, 2.0), max_prompt_speakers=2)
     audio = tone_audio(reference, 24.0)
-    seen = labels_by_voice(from_annotation(diarizer(audio, DiarizationSettings(merge_threshold=float("inf")))),
-                           reference)
+    raw = DiarizationSettings(merge_threshold=float("inf"), refine_passes=0)
+    seen = labels_by_voice(from_annotation(diarizer(audio, raw)), reference)
     # Recently active voices keep their labels across chunks ...
     assert seen[2] == {"C"} and seen[3] == {"D"}
     # ... and a voice pushed out of the prompt comes back under a new label ...
     assert seen[0] == {"A", "E"}
-    # ... which merging by voice (the default) gives back its first label.
+    # ... which merging and re-labelling by voice (the default) give back its first label.
     seen = labels_by_voice(from_annotation(diarizer(audio)), reference)
     assert seen == {0: {"A"}, 1: {"B"}, 2: {"C"}, 3: {"D"}}
 
@@ -146,6 +151,35 @@ def test_max_speakers_holds_over_the_whole_recording():
     turns = from_annotation(tone_diarizer(chunk=5.0)(tone_audio(reference, 20.0),
                                                      DiarizationSettings(max_speakers=2)))
     assert sorted({t.speaker for t in turns}) == ["A", "B"]
+
+
+def sloppy_tone_decode(model, audio, prompts, options) -> list[DecodingResult]:
+    """`tone_decode` that misses every change of voice without a pause: touching turns become one,
+    under the first turn's letter (the embeddings stay true)."""
+    results = tone_decode(model, audio, prompts, options)
+    for result in results:
+        joined: list[Turn] = []
+        for turn in result.turns:
+            if joined and abs(joined[-1].end - turn.start) < 1e-9:
+                joined[-1] = Turn(joined[-1].start, turn.end, joined[-1].speaker)
+            else:
+                joined.append(turn)
+        result.turns, result.scores = joined, [1.0] * len(joined)
+    return results
+
+
+def test_voice_refinement_splits_a_turn_that_runs_over_a_change_of_voice():
+    reference = [(0.5, 2.5, 0), (2.5, 4.5, 1), (5.0, 7.0, 1)]
+    diarizer = tone_diarizer(chunk=6.0)
+    diarizer.decode_fn = sloppy_tone_decode
+    audio = tone_audio(reference, 8.0)
+    unrefined = from_annotation(diarizer(audio, DiarizationSettings(refine_passes=0)))
+    assert [(t.speaker, t.start, t.end) for t in unrefined] == [("A", 0.5, 4.5), ("B", 5.0, 7.0)]
+    refined = from_annotation(diarizer(audio))
+    assert [t.speaker for t in refined] == ["A", "B", "B"]
+    assert refined[0].start == pytest.approx(0.5) and refined[0].end == pytest.approx(2.5, abs=0.03)
+    assert refined[1].start == pytest.approx(2.5, abs=0.03) and refined[1].end == pytest.approx(4.5)
+    assert (refined[2].start, refined[2].end) == (pytest.approx(5.0), pytest.approx(7.0))
 
 
 def test_enrollment_names_speakers_and_unknown_voices_keep_letters():

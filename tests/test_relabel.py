@@ -8,7 +8,8 @@ import pytest
 from nanodrz.annotation import Turn
 from nanodrz.diarize import DiarizationSettings, merge_threshold_arg, rename_by_first_turn
 from nanodrz.errors import NanodrzError
-from nanodrz.relabel import VoiceTally, merge_labels
+from nanodrz.relabel import (VoiceTally, VoiceTrack, best_voice_path, elementary_pieces, merge_labels, reassign_single_speaker_stretches,
+                             refine_labels, split_labels)
 
 
 def unit(*values: float) -> np.ndarray:
@@ -57,10 +58,6 @@ def test_tally_counts_only_frames_whose_window_lies_where_the_label_talks_alone(
     assert "C" not in tally.sums
     assert np.flatnonzero(tally.sums["D"]).tolist() == [63]
     assert tally.counts == {"A": 5, "B": 5, "D": 1}
-    # Frames are on the input's time line: a prompt of 1 s before the chunk shifts them.
-    shifted = VoiceTally()
-    shifted.add([Turn(0.0, 2.0, "A")], voices, frame_rate, offset=-1.0)
-    assert np.flatnonzero(shifted.sums["A"]).tolist() == list(range(18, 23))
     centroid, count = tally.centroids()["A"]
     assert count == 5 and np.linalg.norm(centroid) == pytest.approx(1.0)
 
@@ -78,3 +75,91 @@ def test_threshold_setting_and_argument():
         DiarizationSettings(merge_threshold=-2.0)
     with pytest.raises(NanodrzError, match="merge-threshold"):
         DiarizationSettings(merge_threshold=float("nan"))
+
+
+# --- re-labelling single-speaker stretches by voice -------------------------------------------------
+FRAME_RATE = 10.0
+
+
+def two_voice_track(changes: list[tuple[float, int]], seconds: float, size: int = 4) -> np.ndarray:
+    """(frames, size) one-hot voices: voice v from each (time, v) in `changes` until the next."""
+    track = np.zeros((int(seconds * FRAME_RATE), size), dtype=np.float32)
+    for (start, voice), (end, _) in zip(changes, changes[1:] + [(seconds, -1)]):
+        track[int(round(start * FRAME_RATE)):int(round(end * FRAME_RATE)), voice] = 1.0
+    return track
+
+
+def test_best_voice_path_pays_for_each_change_of_voice():
+    similarity = np.array([[1.0, 1.0, 0.0, 1.0, 1.0],
+                           [0.0, 0.0, 0.6, 0.0, 0.0]])
+    # A one-frame detour gains 0.6 and costs two changes.
+    assert best_voice_path(similarity, switch_penalty=0.25).tolist() == [0, 0, 1, 0, 0]
+    assert best_voice_path(similarity, switch_penalty=0.5).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_elementary_pieces_cut_the_time_line_at_every_boundary():
+    pieces = elementary_pieces([Turn(0, 2, "A"), Turn(1, 3, "B"), Turn(3, 4, "A"), Turn(5, 5, "C"),
+                                Turn(3.5, 4, "A")], [0.9, 0.8, 0.7, 0.6, 0.95])
+    # A label written twice over the same time counts once, with its best score.
+    assert pieces == [(0, 1, [("A", 0.9)]), (1, 2, [("A", 0.9), ("B", 0.8)]), (2, 3, [("B", 0.8)]),
+                      (3, 3.5, [("A", 0.7)]), (3.5, 4, [("A", 0.95)])]
+
+
+def test_a_turn_that_runs_over_a_change_of_voice_is_split_there():
+    # The model wrote A for 0-4 s, but voice 1 takes over at 2 s; B (voice 1) talks again at 5-6 s.
+    track = two_voice_track([(0.0, 0), (2.0, 1), (4.0, 2), (5.0, 1), (6.0, 2)], 7.0)
+    turns = [Turn(0.0, 4.0, "A"), Turn(5.0, 6.0, "B")]
+    new_turns, new_scores = reassign_single_speaker_stretches(turns, [0.9, 0.8], track, FRAME_RATE, 0.25)
+    assert [(t.speaker, t.start, t.end) for t in new_turns] == [("A", 0.0, 1.95), ("B", 1.95, 4.0),
+                                                              ("B", 5.0, 6.0)]
+    # Each piece keeps the score of the written turn it came from.
+    assert new_scores == [0.9, 0.9, 0.8]
+
+
+def test_stretches_where_the_model_wrote_two_voices_are_kept():
+    track = two_voice_track([(0.0, 0), (2.0, 1)], 4.0)
+    turns = [Turn(0.0, 3.0, "A"), Turn(1.0, 4.0, "B")]
+    new_turns, _ = reassign_single_speaker_stretches(turns, [1.0, 1.0], track, FRAME_RATE, 0.25)
+    assert sorted((t.speaker, t.start, t.end) for t in new_turns) == [("A", 0.0, 1.0), ("A", 1.0, 3.0),
+                                                                      ("B", 1.0, 3.0), ("B", 3.0, 4.0)]
+
+
+def test_refinement_merges_labels_whose_voices_match():
+    # C is voice 0 again, written as a new speaker: the pass re-labels and merging folds it into A.
+    track = two_voice_track([(0.0, 0), (3.0, 1), (6.0, 0)], 9.0)
+    turns = [Turn(0.0, 3.0, "A"), Turn(3.0, 6.0, "B"), Turn(6.0, 9.0, "C")]
+    refined, _ = refine_labels(turns, [1.0] * 3, track, FRAME_RATE)
+    assert {t.speaker for t in refined} == {"A", "B"}
+    # B's second half is an enrolled speaker's voice: it takes the name.
+    turns = [Turn(0.0, 3.0, "alice"), Turn(3.0, 9.0, "B")]
+    refined, _ = refine_labels(turns, [1.0] * 2, track, FRAME_RATE, named=frozenset({"alice"}))
+    refined = rename_by_first_turn(refined, frozenset({"alice"}))
+    assert [(t.speaker, t.start, t.end) for t in refined] == [("alice", 0.0, 3.0), ("A", 3.0, 5.95),
+                                                               ("alice", 5.95, 9.0)]
+
+
+def test_a_label_holding_two_clearly_different_voices_is_split():
+    # One letter for two voices (4.5 s and 3 s, five blocks of 1.5 s): the smaller group gets a new label.
+    track = two_voice_track([(0.0, 0), (4.5, 1)], 7.5)
+    split, scores = split_labels([Turn(0.0, 7.5, "A")], [0.5], track, FRAME_RATE)
+    assert [(t.speaker, t.start, t.end) for t in split] == [("A", 0.0, 4.5), ("~1", 4.5, 6.0), ("~1", 6.0, 7.5)]
+    assert scores == [0.5, 0.5, 0.5]
+    # Not when a side is too short, when at most one speaker is asked for, or for an enrolled name.
+    short = two_voice_track([(0.0, 0), (6.0, 1)], 7.0)
+    assert split_labels([Turn(0.0, 7.0, "A")], [0.5], short, FRAME_RATE)[0] == [Turn(0.0, 7.0, "A")]
+    assert split_labels([Turn(0.0, 7.0, "A")], [0.5], track, FRAME_RATE, max_speakers=1)[0] == [Turn(0.0, 7.0, "A")]
+    named = split_labels([Turn(0.0, 7.0, "alice")], [0.5], track, FRAME_RATE, named=frozenset({"alice"}))[0]
+    assert named == [Turn(0.0, 7.0, "alice")]
+
+
+def test_voice_track_keeps_each_chunk_after_its_prompt():
+    track = VoiceTrack(frame_rate=10.0)
+    track.add(np.arange(30, dtype=np.float32)[:, None], first=0.0, seconds=2.0)
+    # 1 s of prompt, then 1.5 s of chunk; the model's last frame is missing: zero-filled.
+    track.add(np.arange(100, 124, dtype=np.float32)[:, None], first=1.0, seconds=1.5)
+    assert track.array()[:, 0].tolist() == list(range(20)) + list(range(110, 124)) + [0.0]
+
+
+def test_refine_passes_setting():
+    with pytest.raises(NanodrzError, match="refine-passes"):
+        DiarizationSettings(refine_passes=-1)

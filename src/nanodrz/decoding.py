@@ -71,15 +71,12 @@ class DecodingOptions:
 @dataclass
 class DecodingResult:
     """Turns with speakers as letters; `letters` maps each prompt speaker name to its letter;
-    `scores` is the model's probability of each turn's speaker token (a confidence); `voices` holds,
-    for a model whose front end computes them, the (frames, E) speaker embeddings of the input's audio
-    positions (prompt included), frame t at t / frame_rate seconds."""
+    `scores` is the model's probability of each turn's speaker token (a confidence)."""
 
     turns: list[Turn]
     scores: list[float]
     tokens: list[int]
     letters: dict[str, str] = field(default_factory=dict)
-    voices: np.ndarray | None = None
 
 
 class GrammarState:
@@ -272,7 +269,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     tokens, token_lengths = tokens.to(device), token_lengths.to(device)
     max_new = 3 * options.max_triples + 1
     cache, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new)
-    activity, voices = cache.activity, cache.voices
+    activity = cache.activity
     beams = options.beam_size if options.strategy == "beam" else 1
     if beams > 1:
         rows = torch.arange(len(audio), device=device).repeat_interleave(beams)
@@ -322,13 +319,8 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         generated, probabilities = generated[keep], probabilities[keep]
     results = [_result(tok, generated[i].tolist(), probabilities[i].tolist(), encoded[i].letters, options)
                for i in range(len(audio))]
-    snapping = activity is not None and options.snap_seconds > 0
-    if voices is not None or snapping:
+    if activity is not None and options.snap_seconds > 0:
         frames = model.front_end.num_frames(audio_lengths)
-    if voices is not None:
-        for i, result in enumerate(results):
-            result.voices = voices[i, :int(frames[i])].float().cpu().numpy()
-    if snapping:
         for i, result in enumerate(results):
             result.turns = [snap_turn(turn, activity[i, :int(frames[i])].cpu(), model.config.frame_rate,
                                       options.snap_seconds) for turn in result.turns]

@@ -235,6 +235,11 @@ class WindowedSpeakerFrontEnd(SpeakerFrontEnd):
         embeddings = dense.nonlinear(dense.linear(statistics[:, :, None]).squeeze(-1))
         return F.normalize(embeddings, dim=-1)
 
+    @torch.no_grad()
+    def voice_track(self, audio: torch.Tensor) -> torch.Tensor:
+        """(samples,) audio -> (positions, 192) window embeddings, position t at t / frame_rate seconds."""
+        return self.window_embeddings(self.encode(audio))
+
     def forward_with_embeddings(self, audio: torch.Tensor, lengths: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward`, plus the (B, T, 192) window embeddings themselves (zero past each item's end), for

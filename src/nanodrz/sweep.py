@@ -44,7 +44,7 @@ from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import DEFAULT_COLLARS, EvaluationReport, label_consistency, load_turns, score
 from nanodrz.fileio import atomic_open, atomic_path, write_json
 from nanodrz.paths import default_bank_dir
-from nanodrz.relabel import MERGE_THRESHOLD
+from nanodrz.relabel import MERGE_THRESHOLD, REFINE_PASSES
 from nanodrz.simulate import (SimulationConfig, as_range, check_bank, conversation_rng, load_preset,
                               simulate_conversation, speech_activity)
 
@@ -513,7 +513,8 @@ def write_report(out: Path, results: dict) -> None:
         "",
         f"- model: `{results['model']}` (step {results['model_step']}), device {results['device']}, "
         f"batch size {results['batch_size']}, {results['torch_threads']} torch threads, label-merging threshold "
-        f"{results.get('merge_threshold', 'none')}, EOS penalty {results.get('eos_penalty', 0)}",
+        f"{results.get('merge_threshold', 'none')}, EOS penalty {results.get('eos_penalty', 0)}, voice re-labelling "
+        f"passes {results.get('refine_passes', 0)}",
         f"- systems: {', '.join(systems)}",
         f"- simulated sets: bank `{results['bank']}`, split `{results['split']}`, seed {results['seed']}, "
         f"{results['per_point']} files per point (fewer for long recordings: about {results['per_point']} x "
@@ -576,6 +577,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"nanodrz diarize's label-merging threshold (default: {MERGE_THRESHOLD:g})")
     parser.add_argument("--eos-penalty", type=float, default=DecodingOptions.eos_penalty, metavar="NATS",
                         help=f"nanodrz diarize's EOS penalty (default: {DecodingOptions.eos_penalty:g})")
+    parser.add_argument("--refine-passes", type=int, default=REFINE_PASSES, metavar="N",
+                        help=f"nanodrz diarize's voice re-labelling passes (default: {REFINE_PASSES}; 0 = off)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -690,7 +693,7 @@ def run(args: argparse.Namespace) -> int:
             raise NanodrzError("--reuse-baseline needs --baseline")
         earlier_runs[args.baseline] = earlier_baseline_runs(out, args.baseline)
     model_path = args.model if args.model is not None else SHIPPED_MODEL
-    settings = DiarizationSettings(merge_threshold=args.merge_threshold,
+    settings = DiarizationSettings(merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
                                    decoding=DecodingOptions(eos_penalty=args.eos_penalty))
     systems = {OURS: nanodrz_runner(Diarizer.from_pretrained(args.model, args.device), args.batch_size, settings)}
     if args.baseline == "senko":
@@ -710,6 +713,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "merge_threshold": args.merge_threshold if args.merge_threshold != float("inf") else "off",
         "eos_penalty": args.eos_penalty,
+        "refine_passes": args.refine_passes,
         "torch_threads": torch.get_num_threads(),
         "systems": list(systems),
         "bank": str(bank.root) if bank is not None else None,
