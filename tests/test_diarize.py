@@ -182,6 +182,12 @@ def test_voice_refinement_splits_a_turn_that_runs_over_a_change_of_voice():
     assert (refined[2].start, refined[2].end) == (pytest.approx(5.0), pytest.approx(7.0))
 
 
+def test_turns_shorter_than_two_time_bins_are_dropped_with_their_labels():
+    # A 20 ms blip of a second voice (one 20 ms time bin) is not a speaker.
+    turns = from_annotation(tone_diarizer()(tone_audio([(0.5, 2.5, 0), (3.0, 3.02, 1), (4.0, 5.0, 2)], 6.0)))
+    assert [(t.speaker, round(t.start, 2)) for t in turns] == [("A", 0.5), ("B", 4.0)]
+
+
 def test_enrollment_names_speakers_and_unknown_voices_keep_letters():
     reference = [(0.5, 2.5, 1), (3.0, 5.0, 0), (5.5, 7.0, 1)]
     enrollment = tone_audio([(0.0, 2.0, 0)], 2.0)

@@ -333,7 +333,10 @@ class RecordingState:
                                               threshold=settings.merge_threshold,
                                               min_speakers=settings.min_speakers,
                                               max_speakers=settings.max_speakers, named=named)
-        return stitch(rename_by_first_turn(turns, named), scores, 2 * self.geometry.time_resolution)
+        turns, scores = stitch(turns, scores, 2 * self.geometry.time_resolution)
+        # A turn shorter than two time bins is an artefact (e.g. a turn started in a chunk's last bin).
+        kept = [i for i, turn in enumerate(turns) if turn.end - turn.start >= 2 * self.geometry.time_resolution - 1e-9]
+        return rename_by_first_turn([turns[i] for i in kept], named), [scores[i] for i in kept]
 
 
 def rename_by_first_turn(turns: Sequence[Turn], named: frozenset[str]) -> list[Turn]:

@@ -26,7 +26,6 @@ from typing import Sequence
 import numpy as np
 
 from nanodrz.annotation import Turn
-from nanodrz.examples import single_speaker_stretches
 
 # Chosen on validation speakers: benchmarks/results/merge_threshold.md.
 MERGE_THRESHOLD = 0.85
@@ -51,18 +50,17 @@ class VoiceTally:
         """Count the frames of `voices` (T, E), frame t at t / frame_rate seconds of the turns' time line,
         whose whole window lies inside one label's single-speaker stretch (its middle frame for
         stretches shorter than a window)."""
-        for label in sorted({t.speaker for t in turns}):
-            for start, end in single_speaker_stretches(turns, label):
-                if end - start < MIN_STRETCH_SECONDS:
-                    continue
-                margin = min(WINDOW_SECONDS / 2, (end - start) / 2)
-                first = int(np.ceil((start + margin) * frame_rate - 1e-6))
-                last = max(first, int(np.floor((end - margin) * frame_rate + 1e-6)))
-                frames = voices[max(first, 0):min(last + 1, len(voices))]
-                if len(frames) == 0:
-                    continue
-                self.sums[label] = self.sums.get(label, 0.0) + frames.sum(axis=0, dtype=np.float64)
-                self.counts[label] = self.counts.get(label, 0) + len(frames)
+        for label, start, end in solo_stretches(turns):
+            if end - start < MIN_STRETCH_SECONDS:
+                continue
+            margin = min(WINDOW_SECONDS / 2, (end - start) / 2)
+            first = int(np.ceil((start + margin) * frame_rate - 1e-6))
+            last = max(first, int(np.floor((end - margin) * frame_rate + 1e-6)))
+            frames = voices[max(first, 0):min(last + 1, len(voices))]
+            if len(frames) == 0:
+                continue
+            self.sums[label] = self.sums.get(label, 0.0) + frames.sum(axis=0, dtype=np.float64)
+            self.counts[label] = self.counts.get(label, 0) + len(frames)
 
     def centroids(self) -> dict[str, tuple[np.ndarray, int]]:
         """label -> (unit mean voice, frame count)."""
@@ -161,6 +159,20 @@ def elementary_pieces(turns: Sequence[Turn], scores: Sequence[float]) -> list[tu
                 best[label] = max(best.get(label, score), score)
             pieces.append((left, right, list(best.items())))
     return pieces
+
+
+def solo_stretches(turns: Sequence[Turn]) -> list[tuple[str, float, float]]:
+    """(label, start, end) of every longest stretch where one label talks and nobody else does."""
+    stretches: list[tuple[str, float, float]] = []
+    for left, right, active in elementary_pieces(turns, [0.0] * len(turns)):
+        if len(active) != 1:
+            continue
+        label = active[0][0]
+        if stretches and stretches[-1][0] == label and abs(stretches[-1][2] - left) < 1e-9:
+            stretches[-1] = (label, stretches[-1][1], right)
+        else:
+            stretches.append((label, left, right))
+    return stretches
 
 
 def label_centroids(pieces: list[tuple[float, float, list[tuple[str, float]]]], track: np.ndarray,

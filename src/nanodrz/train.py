@@ -552,6 +552,9 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                 if env.main:
                     tqdm.write(f"session ends at step {step}; continue with --resume {run_dir}")
                 break
+        if env.world_size > 1:
+            # Tear down together: a rank that leaves while another still saves can abort in gloo's threads.
+            dist.barrier()
     except KeyboardInterrupt:
         if env.main and step > start_step:
             save(step)
