@@ -138,6 +138,16 @@ def test_refinement_merges_labels_whose_voices_match():
                                                                ("alice", 5.95, 9.0)]
 
 
+def test_refinement_keeps_the_number_of_speakers_asked_for():
+    # C is written over voice 0 only, so re-labelling gives all of it to A ...
+    track = two_voice_track([(0.0, 0), (3.0, 1), (6.0, 0)], 9.0)
+    turns = [Turn(0.0, 3.0, "A"), Turn(3.0, 6.0, "B"), Turn(6.0, 9.0, "C")]
+    assert {t.speaker for t in refine_labels(turns, [1.0] * 3, track, FRAME_RATE)[0]} == {"A", "B"}
+    # ... unless three speakers were asked for.
+    kept, _ = refine_labels(turns, [1.0] * 3, track, FRAME_RATE, min_speakers=3)
+    assert {t.speaker for t in kept} == {"A", "B", "C"}
+
+
 def test_a_label_holding_two_clearly_different_voices_is_split():
     # One letter for two voices (4.5 s and 3 s, five blocks of 1.5 s): the smaller group gets a new label.
     track = two_voice_track([(0.0, 0), (4.5, 1)], 7.5)

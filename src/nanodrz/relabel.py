@@ -382,7 +382,10 @@ def refine_labels(turns: Sequence[Turn], scores: Sequence[float], track: np.ndar
             turns, scores = split_labels(turns, scores, track, frame_rate, max_speakers=max_speakers, named=named)
             # A split-off voice that is another label's joins it before any frame moves.
             turns = _merge_by_voice(turns, track, frame_rate, threshold, min_speakers, max_speakers, named)
-        turns, scores = reassign_single_speaker_stretches(turns, scores, track, frame_rate, switch_penalty)
+        reassigned = reassign_single_speaker_stretches(turns, scores, track, frame_rate, switch_penalty)
+        # A label can lose all its speech to other voices; never below the speakers asked for.
+        if len({t.speaker for t in reassigned[0]}) >= min(min_speakers, len({t.speaker for t in turns})):
+            turns, scores = reassigned
         turns = _merge_by_voice(turns, track, frame_rate, threshold, min_speakers, max_speakers, named)
     return turns, scores
 
