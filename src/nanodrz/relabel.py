@@ -6,16 +6,16 @@ model's front end computes a speaker embedding around every audio position (CAM+
 `features.WindowedSpeakerFrontEnd`), so each label's voice is the mean of those embeddings over the
 stretches where that label talks alone. Labels are then merged greedily, most similar pair first
 (centroid linkage, as pyannote's final clustering), while the cosine is at least a threshold, then
-further while there are more labels than `max_speakers`.
-Enrolled names are never merged with each other; a letter that merges into one takes its name.
+further while there are more labels than `max_speakers`. Enrolled names are never merged with each
+other; a letter that merges into one takes its name.
 
 Then the same embeddings re-decide who talks where only one label does (`refine_labels`). A label
 whose single-speaker speech falls into two clearly different voices is split in two (the model
-often gives two quiet speakers of a crowd one letter). Each label's voice is re-estimated, every
+gives two voices one letter most often in crowds). Each label's voice is re-estimated, every
 single-speaker stretch is re-labelled frame by frame with the voice its embeddings match best (a
 Viterbi path that pays a penalty per change of voice, so a turn that ran over a missed speaker
-change is split there), and labels are merged again. Stretches where the model
-wrote two voices at once are kept as written: a window over a mix matches neither voice well.
+change is split there), and labels are merged again. Stretches where the model wrote two voices at
+once are kept as written: a window over a mix matches neither voice well.
 """
 
 from __future__ import annotations
@@ -119,7 +119,6 @@ class VoiceTrack:
 
     frame_rate: float
     pieces: list[np.ndarray] = field(default_factory=list)
-    frames: int = 0
 
     def add(self, voices: np.ndarray, first: float, seconds: float) -> None:
         """Append the frames of `voices` (T, E) that cover `seconds` of audio starting `first` seconds
@@ -130,7 +129,6 @@ class VoiceTrack:
         if len(piece) < count:
             piece = np.concatenate([piece, np.zeros((count - len(piece), piece.shape[1]), np.float16)])
         self.pieces.append(piece)
-        self.frames += count
 
     def array(self) -> np.ndarray:
         return np.concatenate(self.pieces).astype(np.float32) if self.pieces else np.zeros((0, 0), np.float32)
