@@ -44,8 +44,7 @@ from nanodrz.errors import NanodrzError
 from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
-from nanodrz.relabel import (MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTally, VoiceTrack, merge_labels,
-                             refine_labels)
+from nanodrz.relabel import MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTrack, merge_by_voice, refine_labels
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 MIN_SECONDS = 0.5
@@ -321,13 +320,8 @@ class RecordingState:
         turns, scores = self.turns, self.scores
         if self.track is not None:
             track = self.track.array()
-            tally = VoiceTally()
-            tally.add(turns, track, self.track.frame_rate)
-            centroids = tally.centroids()
-            unmeasured = {t.speaker for t in turns} - set(centroids)
-            owner = merge_labels(centroids, settings.merge_threshold, settings.min_speakers, settings.max_speakers,
-                                 named, unmeasured=len(unmeasured))
-            turns = [Turn(t.start, t.end, owner.get(t.speaker, t.speaker)) for t in turns]
+            turns = merge_by_voice(turns, track, self.track.frame_rate, settings.merge_threshold,
+                                   settings.min_speakers, settings.max_speakers, named)
             if settings.refine_passes:
                 turns, scores = refine_labels(turns, scores, track, self.track.frame_rate, settings.refine_passes,
                                               threshold=settings.merge_threshold,

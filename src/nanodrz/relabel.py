@@ -379,18 +379,20 @@ def refine_labels(turns: Sequence[Turn], scores: Sequence[float], track: np.ndar
         if index > 0:
             turns, scores = split_labels(turns, scores, track, frame_rate, max_speakers=max_speakers, named=named)
             # A split-off voice that is another label's joins it before any frame moves.
-            turns = _merge_by_voice(turns, track, frame_rate, threshold, min_speakers, max_speakers, named)
+            turns = merge_by_voice(turns, track, frame_rate, threshold, min_speakers, max_speakers, named)
         reassigned = reassign_single_speaker_stretches(turns, scores, track, frame_rate, switch_penalty)
         # A label can lose all its speech to other voices; never below the speakers asked for.
         if len({t.speaker for t in reassigned[0]}) >= min(min_speakers, len({t.speaker for t in turns})):
             turns, scores = reassigned
-        turns = _merge_by_voice(turns, track, frame_rate, threshold, min_speakers, max_speakers, named)
+        turns = merge_by_voice(turns, track, frame_rate, threshold, min_speakers, max_speakers, named)
     return turns, scores
 
 
-def _merge_by_voice(turns: list[Turn], track: np.ndarray, frame_rate: float, threshold: float, min_speakers: int,
-                    max_speakers: int | None, named: frozenset[str]) -> list[Turn]:
-    # Voices compared without the frames whose window reaches over a change of speaker.
+def merge_by_voice(turns: Sequence[Turn], track: np.ndarray, frame_rate: float, threshold: float,
+                   min_speakers: int = 0, max_speakers: int | None = None,
+                   named: frozenset[str] = frozenset()) -> list[Turn]:
+    """`turns` with labels merged by `merge_labels`, each label's voice tallied over `track` (frame t at
+    t / frame_rate s) without the frames whose window reaches over a change of speaker."""
     tally = VoiceTally()
     tally.add(turns, track, frame_rate)
     centroids = tally.centroids()
