@@ -36,7 +36,7 @@ import torch
 from pyannote.core import Annotation
 from tqdm import tqdm
 
-from nanodrz.annotation import Turn, format_rttm, sort_turns, to_annotation
+from nanodrz.annotation import Turn, format_rttm, to_annotation
 from nanodrz.audio import SAMPLE_RATE, load_audio, to_mono
 from nanodrz.checkpoint import build_model, load_checkpoint
 from nanodrz.decoding import DecodingOptions, decode
