@@ -19,7 +19,7 @@ TOK = Tokenizer(TokenizerConfig(time_resolution=0.1, max_seconds=10.0, num_speak
 class ScriptedCache:
     def __init__(self, rows: int):
         self.history = [[] for _ in range(rows)]
-        self.activity = None  # no activity head
+        self.activity = self.speaker_counts = None  # no frame-level heads
         self.voices = None  # no window embeddings
 
     def reorder(self, rows: torch.Tensor) -> None:

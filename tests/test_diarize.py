@@ -182,6 +182,34 @@ def test_voice_refinement_splits_a_turn_that_runs_over_a_change_of_voice():
     assert (refined[2].start, refined[2].end) == (pytest.approx(5.0), pytest.approx(7.0))
 
 
+def counting_tone_decode(model, audio, prompts, options) -> list[DecodingResult]:
+    """`tone_decode`, which writes one voice per frame, plus an overlap head that counts the tones of
+    each 20 ms frame (frame rate 50)."""
+    results = tone_decode(model, audio, prompts, options)
+    freqs = np.fft.rfftfreq(FRAME, 1 / SR)
+    for signal, result in zip(audio, results):
+        counts = []
+        for start in range(0, len(signal) - FRAME + 1, FRAME):
+            spectrum = np.abs(np.fft.rfft(signal[start:start + FRAME] * np.hanning(FRAME)))
+            tones = sum(spectrum[np.argmin(np.abs(freqs - f))] > 5.0 for f in TONES)
+            counts.append(np.eye(3, dtype=np.float32)[min(tones, 2)])
+        result.speaker_counts = np.asarray(counts).reshape(-1, 3)
+    return results
+
+
+def test_overlap_the_decoder_missed_is_added_from_the_overlap_head():
+    # The second voice is quieter: in the overlap the decoder writes only the first.
+    audio = tone_audio([(0.5, 3.0, 0), (5.5, 7.5, 0)], 8.0) + 0.5 * tone_audio([(2.5, 5.0, 1)], 8.0)
+    diarizer = tone_diarizer(chunk=6.0)
+    diarizer.decode_fn = counting_tone_decode
+    written = from_annotation(diarizer(audio, DiarizationSettings(overlap_threshold=None)))
+    assert not any(a.end > b.start for a, b in zip(written, written[1:]))
+    turns = from_annotation(diarizer(audio))
+    by_speaker = {label: [(t.start, t.end) for t in turns if t.speaker == label] for label in "AB"}
+    assert by_speaker["A"][0] == (pytest.approx(0.5, abs=0.03), pytest.approx(3.0, abs=0.03))
+    assert by_speaker["B"][0] == (pytest.approx(2.5, abs=0.03), pytest.approx(5.0, abs=0.03))
+
+
 def test_turns_shorter_than_two_time_bins_are_dropped_with_their_labels():
     # A 20 ms blip of a second voice (one 20 ms time bin) is not a speaker.
     turns = from_annotation(tone_diarizer()(tone_audio([(0.5, 2.5, 0), (3.0, 3.02, 1), (4.0, 5.0, 2)], 6.0)))
@@ -230,6 +258,8 @@ def test_settings_validation():
     with pytest.raises(NanodrzError):
         DiarizationSettings(min_speakers=3, max_speakers=2)
     assert DiarizationSettings(num_speakers=2).max_speakers == 2
+    with pytest.raises(NanodrzError, match="overlap-threshold"):
+        DiarizationSettings(overlap_threshold=1.5)
 
 
 # --- the command line with a real (tiny, untrained) checkpoint ------------------------------------

@@ -157,6 +157,21 @@ def test_freeze_loaded_trains_only_the_grown_parameters(tiny_bank, tmp_path):
         train(tiny_config(tiny_bank, tmp_path / "alone", "train.steps=2", "optim.freeze_loaded=true"))
 
 
+def test_overlap_head_grown_on_a_frozen_model_learns_and_is_validated(tiny_bank, tmp_path):
+    plain, grown = tmp_path / "plain", tmp_path / "grown"
+    train(tiny_config(tiny_bank, plain, "train.steps=2", "train.eval_interval=2"))
+    train(tiny_config(tiny_bank, grown, "train.steps=30", "train.eval_interval=30", "model.overlap_head=true",
+                      "optim.freeze_loaded=true", "optim.lr=0.003", f"train.init_from={plain / 'last.safetensors'}"))
+    before, after = load_model(plain).state_dict(), load_model(grown).state_dict()
+    assert {name.split(".")[0] for name in set(after) - set(before)} == {"speaker_count"}
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    records = metrics(grown)
+    counts = [r["speaker_count_loss"] for r in records if "speaker_count_loss" in r]
+    assert len(counts) == 30 and np.mean(counts[-5:]) < 0.8 * np.mean(counts[:5])
+    [validation] = [r for r in records if "val_speaker_count_loss" in r]
+    assert 0.0 <= validation["val_overlap_precision"] <= 1.0 and 0.0 <= validation["val_overlap_recall"] <= 1.0
+
+
 def test_example_spans_carry_the_letters_of_the_tokens(tiny_bank):
     tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=12, num_speakers=4))
     config = ExampleConfig(chunk_seconds=(4.0, 6.0), prompt_probability=1.0, prompt_clip_seconds=(1.0, 2.0))

@@ -71,12 +71,15 @@ class DecodingOptions:
 @dataclass
 class DecodingResult:
     """Turns with speakers as letters; `letters` maps each prompt speaker name to its letter;
-    `scores` is the model's probability of each turn's speaker token (a confidence)."""
+    `scores` is the model's probability of each turn's speaker token (a confidence); with an overlap
+    head, `speaker_counts` (frames, 3) is its probability of none, one, and two or more speakers in
+    every audio frame of the input (frame t centred at t / frame_rate seconds)."""
 
     turns: list[Turn]
     scores: list[float]
     tokens: list[int]
     letters: dict[str, str] = field(default_factory=dict)
+    speaker_counts: np.ndarray | None = None
 
 
 class GrammarState:
@@ -269,7 +272,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     tokens, token_lengths = tokens.to(device), token_lengths.to(device)
     max_new = 3 * options.max_triples + 1
     cache, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new)
-    activity = cache.activity
+    activity, speaker_counts = cache.activity, cache.speaker_counts
     beams = options.beam_size if options.strategy == "beam" else 1
     if beams > 1:
         rows = torch.arange(len(audio), device=device).repeat_interleave(beams)
@@ -319,8 +322,12 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         generated, probabilities = generated[keep], probabilities[keep]
     results = [_result(tok, generated[i].tolist(), probabilities[i].tolist(), encoded[i].letters, options)
                for i in range(len(audio))]
-    if activity is not None and options.snap_seconds > 0:
+    if speaker_counts is not None or activity is not None:
         frames = model.front_end.num_frames(audio_lengths)
+    if speaker_counts is not None:
+        for i, result in enumerate(results):
+            result.speaker_counts = speaker_counts[i, :int(frames[i])].cpu().numpy()
+    if activity is not None and options.snap_seconds > 0:
         for i, result in enumerate(results):
             result.turns = [snap_turn(turn, activity[i, :int(frames[i])].cpu(), model.config.frame_rate,
                                       options.snap_seconds) for turn in result.turns]

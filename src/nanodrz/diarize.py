@@ -44,6 +44,7 @@ from nanodrz.errors import NanodrzError
 from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
+from nanodrz.overlap import OVERLAP_THRESHOLD, CountTrack, add_missed_overlap
 from nanodrz.relabel import MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTrack, merge_by_voice, refine_labels
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
@@ -67,11 +68,14 @@ class DiarizationSettings:
     exclusive: bool = False
     merge_threshold: float = MERGE_THRESHOLD
     refine_passes: int = REFINE_PASSES
+    overlap_threshold: float | None = OVERLAP_THRESHOLD
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
 
     def __post_init__(self):
         if self.refine_passes < 0:
             raise NanodrzError(f"--refine-passes must be 0 (off) or more, got {self.refine_passes}")
+        if self.overlap_threshold is not None and not 0.0 < self.overlap_threshold <= 1.0:
+            raise NanodrzError(f"--overlap-threshold is a probability in (0, 1] (or off), got {self.overlap_threshold:g}")
         if not self.merge_threshold >= -1.0:
             raise NanodrzError(f"--merge-threshold is a cosine similarity (at least -1, or off), "
                                f"got {self.merge_threshold:g}")
@@ -198,6 +202,7 @@ class RecordingState:
         self.prompted: list[KnownSpeaker] = []
         self.prompt_seconds = 0.0
         self.track: VoiceTrack | None = None
+        self.counts: CountTrack | None = None
         self.unvoiced: list[np.ndarray] = []  # chunks still waiting for their speaker embeddings
         self.previous_tail = np.zeros(0, dtype=np.float32)
         self.done = False
@@ -247,10 +252,16 @@ class RecordingState:
             options.min_speakers = len(self.prompted) + missing
         return options
 
-    def absorb(self, turns: Sequence[Turn], scores: Sequence[float]) -> None:
-        """Map a chunk's letters to recording labels, shift times, and update speaker clips."""
+    def absorb(self, turns: Sequence[Turn], scores: Sequence[float], speaker_counts: np.ndarray | None = None,
+               frame_rate: float = 25.0) -> None:
+        """Map a chunk's letters to recording labels, shift times, and update speaker clips; keep the
+        chunk's part of the overlap head's `speaker_counts` (input frames, 3) if given."""
         chunk = self.current
         chunk_seconds = len(chunk) / SAMPLE_RATE
+        if speaker_counts is not None:
+            first = int(round(self.prompt_seconds * frame_rate))
+            self.counts = self.counts or CountTrack(frame_rate)
+            self.counts.add(speaker_counts[first:first + int(round(chunk_seconds * frame_rate))], self.offset)
         by_letter = {chr(ord("A") + i): speaker for i, speaker in enumerate(self.prompted)}
         local: list[Turn] = []
         for turn, score in zip(turns, scores):
@@ -327,6 +338,9 @@ class RecordingState:
                                               threshold=settings.merge_threshold,
                                               min_speakers=settings.min_speakers,
                                               max_speakers=settings.max_speakers, named=named)
+        if self.counts is not None and settings.overlap_threshold is not None:
+            turns, scores = add_missed_overlap(turns, scores, self.counts.array(), self.counts.frame_rate,
+                                               settings.overlap_threshold)
         turns, scores = stitch(turns, scores, 2 * self.geometry.time_resolution)
         # A turn shorter than two time bins is an artefact (e.g. a turn started in a chunk's last bin).
         kept = [i for i, turn in enumerate(turns) if turn.end - turn.start >= 2 * self.geometry.time_resolution - 1e-9]
@@ -500,7 +514,7 @@ class Diarizer:
                 results = self.decode_fn(self.model, [inputs[i][0] for i in indices], [inputs[i][1] for i in indices],
                                  options_of[indices[0]])
                 for i, result in zip(indices, results):
-                    ready[i].absorb(result.turns, result.scores)
+                    ready[i].absorb(result.turns, result.scores, result.speaker_counts, self.model.config.frame_rate)
                     if self.voice_function is not None:
                         ready[i].add_voices(self.voice_function, self.model.config.frame_rate)
 
@@ -613,6 +627,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine-passes", type=int, default=REFINE_PASSES, metavar="N",
                         help="rounds of re-labelling single-speaker stretches by voice, each followed by merging "
                              f"(default {REFINE_PASSES}; 0 = keep the labels the model wrote)")
+    add_overlap_argument(parser)
     parser.add_argument("--enroll", action="append", default=[], metavar="NAME=CLIP",
                         help="name a speaker from an enrollment clip (repeatable)")
     parser.add_argument("--decoding", choices=("greedy", "beam", "sample"), default="greedy")
@@ -641,6 +656,24 @@ def merge_threshold_arg(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a cosine similarity or off, got {value!r}") from None
 
 
+def add_overlap_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overlap-threshold", type=overlap_threshold_arg, default=OVERLAP_THRESHOLD,
+                        metavar="PROBABILITY",
+                        help="add the second speaker where the model's overlap head gives two or more speakers "
+                             f"at least this probability and one is written (models with an overlap head; "
+                             f"default {OVERLAP_THRESHOLD:g}; off = keep what the decoder wrote)")
+
+
+def overlap_threshold_arg(value: str) -> float | None:
+    """A probability, or "off"."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability or off, got {value!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
     unknown = formats - {"rttm", "json"}
@@ -652,7 +685,7 @@ def run(args: argparse.Namespace) -> int:
     settings = DiarizationSettings(num_speakers=args.num_speakers, min_speakers=args.min_speakers,
                                    max_speakers=args.max_speakers, exclusive=args.exclusive,
                                    merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
-                                   decoding=decoding)
+                                   overlap_threshold=args.overlap_threshold, decoding=decoding)
     enroll = parse_enrollment(args.enroll)
     if args.threads is not None:
         if args.threads < 1:

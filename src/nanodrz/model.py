@@ -27,6 +27,11 @@ One sequence per example: audio positions (from the front end), then tokens
   there is no permutation to search, as in Sortformer). Trained with a frame-level loss next to the
   token loss, it gives hundreds of dense targets per example where the tokens give a few dozen, and it
   ties each frame's state to the letters the decoder will write about it.
+* `overlap_head: true` adds a small read-out of every audio position's input and final state
+  (`SpeakerCountHead`): how many speakers talk in that frame (none, one, two or more), one class per frame as in powerset
+  segmentation. Long-form inference uses it to find overlapped speech the decoder did not write
+  (`overlap.add_missed_overlap`); grown onto a trained model with the rest frozen, it costs no change
+  to what the decoder writes.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     rope_fraction: float = 1.0
     activity_head: bool = False
+    overlap_head: bool = False
     span_voices: bool = False
     voice_similarity: bool = False
     time_pointer: bool = False
@@ -122,6 +128,7 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: to
 
 SIMILARITY_SCALE = 20.0
 SIMILARITY_THRESHOLD = 0.75
+SPEAKER_COUNT_CLASSES = 3  # none, one, two or more
 
 
 @dataclass
@@ -158,6 +165,7 @@ class KVCache:
         self.length = 0
         self.table: torch.Tensor | None = None
         self.activity: torch.Tensor | None = None  # (B, T, num_speakers) probabilities, from `prefill`
+        self.speaker_counts: torch.Tensor | None = None  # (B, T, 3) probabilities of 0 / 1 / 2+ speakers
         self.voices: torch.Tensor | None = None  # (B, T, E) window embeddings, for span voices
         self.spans: SpanState | None = None
         self.pointer_keys: torch.Tensor | None = None  # (B, T, d) frame keys, for the time pointer
@@ -223,6 +231,24 @@ class Block(nn.Module):
         return x + self.residual_dropout(self.mlp(self.mlp_norm(x)))
 
 
+class SpeakerCountHead(nn.Module):
+    """How many speakers talk in each audio frame (none, one, two or more), from the frame's input
+    (front end) next to its final state, with two frames of context each side (a 5-tap convolution):
+    the final states were trained to serve the tokens and may drop acoustic detail an overlap shows."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.mix = nn.Conv1d(2 * d_model, d_model, kernel_size=5, padding=2)
+        self.out = nn.Linear(d_model, SPEAKER_COUNT_CLASSES)
+
+    def forward(self, audio_x: torch.Tensor, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3) logits from (B, T, d) inputs and final states of which `frames` (B,) are real; padding
+        is zeroed first, so an item's logits do not depend on its batch."""
+        real = (torch.arange(audio_x.shape[1], device=audio_x.device) < frames[:, None])[..., None]
+        x = torch.cat([audio_x, hidden.to(audio_x.dtype)], dim=-1) * real
+        return self.out(F.gelu(self.mix(x.transpose(1, 2)).transpose(1, 2)))
+
+
 class DiarizationModel(nn.Module):
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer):
         super().__init__()
@@ -234,6 +260,7 @@ class DiarizationModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
         self.activity = nn.Linear(config.d_model, tokenizer.num_speakers) if config.activity_head else None
+        self.speaker_count = SpeakerCountHead(config.d_model) if config.overlap_head else None
         self.span_projection = (nn.Linear(self.front_end.embedding_size, config.d_model, bias=False)
                                 if config.span_voices else None)
         self.similarity_scale = self.similarity_threshold = None
@@ -355,12 +382,13 @@ class DiarizationModel(nn.Module):
 
     # --- full sequences (training, scoring) ----------------------------------------------------
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
-                token_lengths: torch.Tensor, activity: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                token_lengths: torch.Tensor, frame_heads: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Logits (B, N, vocab) at every token position; logits[:, j] predict tokens[:, j + 1].
 
-        With `activity`, also the activity logits (B, T, num_speakers) of the audio frames and the (B,)
-        count of real frames per item.
+        With `frame_heads`, also the logits of the model's frame-level heads over the audio frames, by
+        name ("activity": (B, T, num_speakers), "speaker_count": (B, T, 3)), and the (B,) count of real
+        frames per item.
         """
         table = self.token_table()
         audio_x, frames, voices = self.embed_audio(audio, audio_lengths)
@@ -372,11 +400,18 @@ class DiarizationModel(nn.Module):
         logits = self.add_letter_bias(token_hidden @ table.T, bias)
         if self.pointer_query is not None:
             logits = self.add_pointer(logits, token_hidden, self.pointer_key(hidden[:, :audio_x.shape[1]]), frames)
-        if not activity:
+        if not frame_heads:
             return logits
-        if self.activity is None:
-            raise ValueError("this model has no activity head (model.activity_head: false)")
-        return logits, self.activity(hidden[:, :audio_x.shape[1]]), frames
+        if self.activity is None and self.speaker_count is None:
+            raise ValueError("this model has no frame-level head (model.activity_head and model.overlap_head "
+                             "are false)")
+        audio_hidden = hidden[:, :audio_x.shape[1]]
+        heads = {}
+        if self.activity is not None:
+            heads["activity"] = self.activity(audio_hidden)
+        if self.speaker_count is not None:
+            heads["speaker_count"] = self.speaker_count(audio_x, audio_hidden, frames)
+        return logits, heads, frames
 
     def hidden(self, audio_x: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor,
                token_lengths: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None,
@@ -409,7 +444,7 @@ class DiarizationModel(nn.Module):
 
         Returns the cache, the logits (B, vocab) after each item's last given token, and the position
         (B,) the next token of each item will take. With an activity head, `cache.activity` holds its
-        probabilities for the audio frames.
+        probabilities for the audio frames, and with an overlap head `cache.speaker_counts` its.
         """
         table = self.token_table()
         frames = self.front_end.num_frames(audio_lengths)
@@ -426,6 +461,9 @@ class DiarizationModel(nn.Module):
         hidden = self.hidden(audio_x, frames, tokens, token_lengths, table, cache, token_extra=extra)
         if self.activity is not None:
             cache.activity = torch.sigmoid(self.activity(hidden[:, :audio_x.shape[1]]).float())
+        if self.speaker_count is not None:
+            counts = self.speaker_count(audio_x, hidden[:, :audio_x.shape[1]], frames)
+            cache.speaker_counts = torch.softmax(counts.float(), dim=-1)
         rows = torch.arange(audio.shape[0])
         last = hidden[rows, audio_x.shape[1] + token_lengths - 1]
         last_bias = None if bias is None else bias[rows, token_lengths - 1]
@@ -513,6 +551,18 @@ def activity_loss(logits: torch.Tensor, frames: torch.Tensor, spans: torch.Tenso
     real = (torch.arange(logits.shape[1], device=logits.device) < frames[:, None]).float()[..., None]
     losses = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     return (losses * real).sum() / (real.sum() * logits.shape[2]).clamp(min=1.0)
+
+
+def speaker_count_loss(logits: torch.Tensor, frames: torch.Tensor, spans: torch.Tensor, frame_rate: float
+                       ) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, 3) speaker-count logits (none, one, two or more) over the real
+    frames of each item, the count taken from the same (B, N, 3) spans as the activity targets."""
+    letters = int(spans[..., 2].max().clamp(min=0)) + 1
+    targets = activity_targets(spans, logits.shape[1], frame_rate, letters).sum(-1)
+    targets = targets.clamp(max=SPEAKER_COUNT_CLASSES - 1).long()
+    real = torch.arange(logits.shape[1], device=logits.device) < frames[:, None]
+    losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return (losses * real).sum() / real.sum().clamp(min=1)
 
 
 def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,8 @@ from nanodrz.examples import (Example, ExampleConfig, ExampleStream, StreamConfi
                               example_item, fixed_examples)
 from nanodrz.features import bf16_is_fast
 from nanodrz.fileio import atomic_open
-from nanodrz.model import DiarizationModel, ModelConfig, activity_loss, sequence_loss
+from nanodrz.model import (DiarizationModel, ModelConfig, activity_loss, activity_targets, sequence_loss,
+                           speaker_count_loss)
 from nanodrz.paths import default_bank_dir
 from nanodrz.simulate import check_bank, load_preset
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
@@ -106,7 +107,8 @@ class RunConfig:
     init_from: a checkpoint whose weights start a new run (fine-tuning, or growing a model by a new
     part): every parameter whose name and shape match is copied, the others keep their initialisation;
     the optimizer and schedule start fresh. bf16: autocast on CUDA, and on CPUs with native bfloat16.
-    activity_weight: weight of the frame-level activity loss, for models with `model.activity_head`.
+    activity_weight: weight of the frame-level activity loss, for models with `model.activity_head`;
+    speaker_count_weight: likewise for the speaker-count loss of `model.overlap_head`.
     """
 
     steps: int = 5000
@@ -125,6 +127,7 @@ class RunConfig:
     max_minutes: float | None = None
     init_from: str | None = None
     activity_weight: float = 0.5
+    speaker_count_weight: float = 1.0
 
 
 @dataclass
@@ -140,8 +143,8 @@ class Config:
             raise ValueError("data.examples.chunk_seconds may not exceed tokenizer.max_seconds")
         if self.train.steps < 1 or self.train.batch_size < 1:
             raise ValueError("train.steps and train.batch_size must be positive")
-        if self.train.activity_weight < 0:
-            raise ValueError("train.activity_weight must not be negative")
+        if self.train.activity_weight < 0 or self.train.speaker_count_weight < 0:
+            raise ValueError("train.activity_weight and train.speaker_count_weight must not be negative")
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -293,6 +296,9 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
     DER maps hypothesis to reference speakers optimally, so it cannot see a prompted speaker given the
     wrong letter. `val_prompted_ier` scores the letters as written (identification error rate, same
     conditions) on the prompted examples: the error long-form stitching inherits.
+
+    With an overlap head, also its loss and, for the frames it calls overlapped (most likely class),
+    precision and recall against the frames that are.
     """
     from pyannote.core import Segment, Timeline
     from pyannote.metrics.diarization import DiarizationErrorRate
@@ -304,6 +310,7 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
     total = DiarizationErrorRate(collar=0.0, skip_overlap=False)
     prompted = IdentificationErrorRate(collar=0.0, skip_overlap=False)
     loss_sum, weight_sum = 0.0, 0.0
+    count_loss_sum, count_items, overlap_hits, overlap_called, overlap_true = 0.0, 0, 0, 0, 0
     metrics = {}
     for name, examples in sets.items():
         per_preset = DiarizationErrorRate(collar=0.0, skip_overlap=False)
@@ -311,7 +318,22 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
             chunk = examples[first:first + batch_size]
             batch = {k: v.to(device) for k, v in collate([example_item(e, tokenizer, 1.0) for e in chunk]).items()}
             with autocast():
-                logits = model(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"])
+                if model.speaker_count is not None:
+                    logits, heads, frames = model(batch["audio"], batch["audio_lengths"], batch["tokens"],
+                                                  batch["token_lengths"], frame_heads=True)
+                    counts = heads["speaker_count"]
+                    count_loss_sum += float(speaker_count_loss(counts, frames, batch["spans"],
+                                                               model.config.frame_rate)) * len(chunk)
+                    count_items += len(chunk)
+                    real = torch.arange(counts.shape[1], device=device) < frames[:, None]
+                    truth = activity_targets(batch["spans"], counts.shape[1], model.config.frame_rate,
+                                             model.tokenizer.num_speakers).sum(-1) >= 2
+                    called = (counts.argmax(-1) == 2) & real
+                    overlap_hits += int((called & truth).sum())
+                    overlap_called += int(called.sum())
+                    overlap_true += int((truth & real).sum())
+                else:
+                    logits = model(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"])
                 weights = float(batch["weights"][:, 1:].sum())
                 loss_sum += float(sequence_loss(logits, batch["tokens"], batch["weights"])) * weights
                 weight_sum += weights
@@ -327,6 +349,10 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
                     lettered = [Turn(t.start, t.end, letters[t.speaker]) for t in example.turns]
                     prompted(to_annotation(lettered, uri), hypothesis, uem=uem)
         metrics[f"val_der_{name}"] = abs(per_preset)
+    if count_items:
+        metrics["val_speaker_count_loss"] = count_loss_sum / count_items
+        metrics["val_overlap_precision"] = overlap_hits / max(overlap_called, 1)
+        metrics["val_overlap_recall"] = overlap_hits / max(overlap_true, 1)
     return {"val_loss": loss_sum / max(weight_sum, 1e-8), "val_der": abs(total),
             "val_prompted_ier": abs(prompted), **metrics}
 
@@ -479,7 +505,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     progress = tqdm(total=config.train.steps, initial=start_step, disable=not env.main, desc="train",
                     dynamic_ncols=True)
     window_loss, window_steps, window_audio, window_samples, window_start = 0.0, 0, 0.0, 0, time.perf_counter()
-    window_activity = 0.0
+    window_activity = window_count = 0.0
     total_audio_hours = checkpoint.state.get("audio_hours_seen", 0.0) if checkpoint is not None else 0.0
     session_start = time.perf_counter()
     batches = iter(loader)
@@ -489,13 +515,19 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
             batch = {k: v.to(env.device, non_blocking=True) for k, v in next(batches).items()}
             net.train()
             with autocast():
-                if model.activity is not None:
-                    logits, activity_logits, frames = net(batch["audio"], batch["audio_lengths"], batch["tokens"],
-                                                          batch["token_lengths"], activity=True)
-                    frame_loss = activity_loss(activity_logits, frames, batch["spans"], config.model.frame_rate)
-                    token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
-                    window_activity += float(frame_loss.detach())
-                    loss = token_loss + config.train.activity_weight * frame_loss
+                if model.activity is not None or model.speaker_count is not None:
+                    logits, heads, frames = net(batch["audio"], batch["audio_lengths"], batch["tokens"],
+                                                batch["token_lengths"], frame_heads=True)
+                    loss = token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
+                    if "activity" in heads:
+                        frame_loss = activity_loss(heads["activity"], frames, batch["spans"], config.model.frame_rate)
+                        window_activity += float(frame_loss.detach())
+                        loss = loss + config.train.activity_weight * frame_loss
+                    if "speaker_count" in heads:
+                        count_loss = speaker_count_loss(heads["speaker_count"], frames, batch["spans"],
+                                                        config.model.frame_rate)
+                        window_count += float(count_loss.detach())
+                        loss = loss + config.train.speaker_count_weight * count_loss
                 else:
                     logits = net(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"])
                     loss = token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
@@ -523,9 +555,11 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                                "audio_hours_seen": total_audio_hours}
                 if model.activity is not None:  # this rank's mean; `loss` is the token loss alone
                     last_record["activity_loss"] = window_activity / window_steps
+                if model.speaker_count is not None:
+                    last_record["speaker_count_loss"] = window_count / window_steps
                 log.write(last_record)
                 progress.set_postfix(loss=f"{last_record['loss']:.3f}", lr=f"{last_record['lr']:.2e}")
-                window_loss, window_steps, window_audio, window_samples, window_activity = 0.0, 0, 0.0, 0, 0.0
+                window_loss, window_steps, window_audio, window_samples, window_activity, window_count = 0.0, 0, 0.0, 0, 0.0, 0.0
                 window_start = time.perf_counter()
             if step % config.train.eval_interval == 0 or step == config.train.steps:
                 if env.main:
