@@ -44,7 +44,7 @@ from nanodrz.errors import NanodrzError
 from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
-from nanodrz.overlap import OVERLAP_THRESHOLD, CountTrack, add_missed_overlap
+from nanodrz.resegment import OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack, resegment
 from nanodrz.relabel import MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTrack, merge_by_voice, refine_labels
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
@@ -68,14 +68,16 @@ class DiarizationSettings:
     exclusive: bool = False
     merge_threshold: float = MERGE_THRESHOLD
     refine_passes: int = REFINE_PASSES
+    speech_threshold: float | None = SPEECH_THRESHOLD
     overlap_threshold: float | None = OVERLAP_THRESHOLD
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
 
     def __post_init__(self):
         if self.refine_passes < 0:
             raise NanodrzError(f"--refine-passes must be 0 (off) or more, got {self.refine_passes}")
-        if self.overlap_threshold is not None and not 0.0 < self.overlap_threshold <= 1.0:
-            raise NanodrzError(f"--overlap-threshold is a probability in (0, 1] (or off), got {self.overlap_threshold:g}")
+        for name, value in (("speech", self.speech_threshold), ("overlap", self.overlap_threshold)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise NanodrzError(f"--{name}-threshold is a probability in (0, 1] (or off), got {value:g}")
         if not self.merge_threshold >= -1.0:
             raise NanodrzError(f"--merge-threshold is a cosine similarity (at least -1, or off), "
                                f"got {self.merge_threshold:g}")
@@ -338,9 +340,9 @@ class RecordingState:
                                               threshold=settings.merge_threshold,
                                               min_speakers=settings.min_speakers,
                                               max_speakers=settings.max_speakers, named=named)
-        if self.counts is not None and settings.overlap_threshold is not None:
-            turns, scores = add_missed_overlap(turns, scores, self.counts.array(), self.counts.frame_rate,
-                                               settings.overlap_threshold)
+        if self.counts is not None:
+            turns, scores = resegment(turns, scores, self.counts.array(), self.counts.frame_rate,
+                                      settings.speech_threshold, settings.overlap_threshold)
         turns, scores = stitch(turns, scores, 2 * self.geometry.time_resolution)
         # A turn shorter than two time bins is an artefact (e.g. a turn started in a chunk's last bin).
         kept = [i for i, turn in enumerate(turns) if turn.end - turn.start >= 2 * self.geometry.time_resolution - 1e-9]
@@ -627,7 +629,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine-passes", type=int, default=REFINE_PASSES, metavar="N",
                         help="rounds of re-labelling single-speaker stretches by voice, each followed by merging "
                              f"(default {REFINE_PASSES}; 0 = keep the labels the model wrote)")
-    add_overlap_argument(parser)
+    add_resegment_arguments(parser)
     parser.add_argument("--enroll", action="append", default=[], metavar="NAME=CLIP",
                         help="name a speaker from an enrollment clip (repeatable)")
     parser.add_argument("--decoding", choices=("greedy", "beam", "sample"), default="greedy")
@@ -656,15 +658,19 @@ def merge_threshold_arg(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a cosine similarity or off, got {value!r}") from None
 
 
-def add_overlap_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overlap-threshold", type=overlap_threshold_arg, default=OVERLAP_THRESHOLD,
-                        metavar="PROBABILITY",
-                        help="add the second speaker where the model's overlap head gives two or more speakers "
-                             f"at least this probability and one is written (models with an overlap head; "
-                             f"default {OVERLAP_THRESHOLD:g}; off = keep what the decoder wrote)")
+def add_resegment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `resegment` for models with an overlap head (`nanodrz diarize` and `nanodrz sweep`)."""
+    parser.add_argument("--speech-threshold", type=probability_arg, default=SPEECH_THRESHOLD, metavar="PROBABILITY",
+                        help="cut written turns where the model's overlap head gives silence at least this "
+                             "probability, and add the nearest speaker where it gives speech at least this and "
+                             f"nothing is written (models with an overlap head; default {SPEECH_THRESHOLD:g}; "
+                             "off = keep what the decoder wrote)")
+    parser.add_argument("--overlap-threshold", type=probability_arg, default=OVERLAP_THRESHOLD, metavar="PROBABILITY",
+                        help="add the nearest other speaker where the overlap head gives two or more speakers at "
+                             f"least this probability and one is written (default {OVERLAP_THRESHOLD:g}; off)")
 
 
-def overlap_threshold_arg(value: str) -> float | None:
+def probability_arg(value: str) -> float | None:
     """A probability, or "off"."""
     if value.strip().lower() == "off":
         return None
@@ -685,7 +691,8 @@ def run(args: argparse.Namespace) -> int:
     settings = DiarizationSettings(num_speakers=args.num_speakers, min_speakers=args.min_speakers,
                                    max_speakers=args.max_speakers, exclusive=args.exclusive,
                                    merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
-                                   overlap_threshold=args.overlap_threshold, decoding=decoding)
+                                   speech_threshold=args.speech_threshold, overlap_threshold=args.overlap_threshold,
+                                   decoding=decoding)
     enroll = parse_enrollment(args.enroll)
     if args.threads is not None:
         if args.threads < 1:

@@ -39,8 +39,8 @@ from nanodrz.bank import Bank
 from nanodrz.checkpoint import weights_path
 from nanodrz.config import to_dict
 from nanodrz.decoding import DecodingOptions
-from nanodrz.diarize import (SHIPPED_MODEL, DiarizationSettings, Diarizer, add_overlap_argument, find_audio,
-                             merge_threshold_arg)
+from nanodrz.diarize import (SHIPPED_MODEL, DiarizationSettings, Diarizer, add_resegment_arguments,
+                             find_audio, merge_threshold_arg)
 from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import DEFAULT_COLLARS, EvaluationReport, label_consistency, load_turns, score
 from nanodrz.fileio import atomic_open, atomic_path, write_json
@@ -515,7 +515,8 @@ def write_report(out: Path, results: dict) -> None:
         f"- model: `{results['model']}` (step {results['model_step']}), device {results['device']}, "
         f"batch size {results['batch_size']}, {results['torch_threads']} torch threads, label-merging threshold "
         f"{results.get('merge_threshold', 'none')}, EOS penalty {results.get('eos_penalty', 0)}, voice re-labelling "
-        f"passes {results.get('refine_passes', 0)}, overlap threshold {results.get('overlap_threshold', 'off')}",
+        f"passes {results.get('refine_passes', 0)}, speech / overlap thresholds "
+        f"{results.get('speech_threshold', 'off')} / {results.get('overlap_threshold', 'off')}",
         f"- systems: {', '.join(systems)}",
         f"- simulated sets: bank `{results['bank']}`, split `{results['split']}`, seed {results['seed']}, "
         f"{results['per_point']} files per point (fewer for long recordings: about {results['per_point']} x "
@@ -580,7 +581,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"nanodrz diarize's EOS penalty (default: {DecodingOptions.eos_penalty:g})")
     parser.add_argument("--refine-passes", type=int, default=REFINE_PASSES, metavar="N",
                         help=f"nanodrz diarize's voice re-labelling passes (default: {REFINE_PASSES}; 0 = off)")
-    add_overlap_argument(parser)
+    add_resegment_arguments(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -696,7 +697,7 @@ def run(args: argparse.Namespace) -> int:
         earlier_runs[args.baseline] = earlier_baseline_runs(out, args.baseline)
     model_path = args.model if args.model is not None else SHIPPED_MODEL
     settings = DiarizationSettings(merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
-                                   overlap_threshold=args.overlap_threshold,
+                                   speech_threshold=args.speech_threshold, overlap_threshold=args.overlap_threshold,
                                    decoding=DecodingOptions(eos_penalty=args.eos_penalty))
     systems = {OURS: nanodrz_runner(Diarizer.from_pretrained(args.model, args.device), args.batch_size, settings)}
     if args.baseline == "senko":
@@ -717,6 +718,7 @@ def run(args: argparse.Namespace) -> int:
         "merge_threshold": args.merge_threshold if args.merge_threshold != float("inf") else "off",
         "eos_penalty": args.eos_penalty,
         "refine_passes": args.refine_passes,
+        "speech_threshold": "off" if args.speech_threshold is None else args.speech_threshold,
         "overlap_threshold": "off" if args.overlap_threshold is None else args.overlap_threshold,
         "torch_threads": torch.get_num_threads(),
         "systems": list(systems),
