@@ -29,8 +29,8 @@ from nanodrz.evaluate import score
 from nanodrz.fileio import atomic_open
 from nanodrz.resegment import resegment
 
-SPEECH = (None, 0.6, 0.7, 0.8)
-OVERLAP = (None, 0.5, 0.7, 0.8, 0.9)
+SPEECH = (None, 0.5, 0.6, 0.7, 0.8)
+OVERLAP = (None, 0.7, 0.8, 0.9, 0.95)
 
 
 def collect(diarizer: Diarizer, sets: list[Path]) -> dict[str, dict[str, tuple[list[Turn], list[Turn], np.ndarray, float]]]:

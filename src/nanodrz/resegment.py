@@ -26,7 +26,7 @@ import numpy as np
 from nanodrz.annotation import Turn
 
 # Chosen on validation speakers: benchmarks/results/resegmentation.md.
-SPEECH_THRESHOLD = 0.7
+SPEECH_THRESHOLD = 0.6
 OVERLAP_THRESHOLD = 0.9
 MIN_GAP_SECONDS = 0.1
 MIN_SPEECH_SECONDS = 0.1

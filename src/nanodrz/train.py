@@ -408,8 +408,19 @@ class RunLog:
             ier = [(r["step"], 100 * r["val_prompted_ier"]) for r in val if "val_prompted_ier" in r]
             if ier:
                 error_axis.plot(*zip(*ier), "s--", color="C3", label="prompted, letters as written (IER)")
+            for key, marker, label in (("val_overlap_precision", "^:", "overlap head: precision"),
+                                       ("val_overlap_recall", "v:", "overlap head: recall")):
+                points = [(r["step"], 100 * r[key]) for r in val if key in r]
+                if points:
+                    error_axis.plot(*zip(*points), marker, label=label)
             error_axis.legend()
-        loss_axis.set(xlabel="step", ylabel="cross-entropy per answer token", yscale="log", title="loss")
+        counts = [(r["step"], r["speaker_count_loss"]) for r in records if "speaker_count_loss" in r]
+        if counts:  # the overlap head's loss, on the same axis
+            loss_axis.plot(*zip(*counts), alpha=0.8, label="train, speaker counts")
+            val_counts = [(r["step"], r["val_speaker_count_loss"]) for r in val if "val_speaker_count_loss" in r]
+            if val_counts:
+                loss_axis.plot(*zip(*val_counts), "o-", label="validation, speaker counts")
+        loss_axis.set(xlabel="step", ylabel="cross-entropy per answer token (or frame)", yscale="log", title="loss")
         loss_axis.legend()
         error_axis.set(xlabel="step", ylabel="% (collar 0, overlap scored)", title="validation errors")
         figure.tight_layout()
