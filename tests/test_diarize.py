@@ -210,6 +210,28 @@ def test_overlap_the_decoder_missed_is_added_from_the_overlap_head():
     assert by_speaker["B"][0] == (pytest.approx(2.5, abs=0.03), pytest.approx(5.0, abs=0.03))
 
 
+def test_one_label_over_two_close_voices_is_split_when_the_overlap_head_hears_both():
+    # The decoder writes one letter for two voices whose embeddings have a cosine of 0.85, too close for
+    # re-labelling to split; 1.2 s of confident overlap proves there are two.
+    def one_letter_decode(model, audio, prompts, options):
+        results = counting_tone_decode(model, audio, prompts, options)
+        for result in results:
+            result.turns = [Turn(t.start, t.end, "A") for t in result.turns]
+        return results
+
+    mixing = np.zeros((len(TONES), 2), dtype=np.float32)
+    mixing[0], mixing[1] = [1.0, 0.0], [0.85, np.sqrt(1 - 0.85 ** 2)]
+    diarizer = tone_diarizer(chunk=6.0)
+    diarizer.decode_fn = one_letter_decode
+    diarizer.voice_function = lambda audio: tone_voices(audio) @ mixing
+    audio = tone_audio([(0.5, 4.0, 0), (2.8, 7.5, 1)], 8.0)
+    assert {t.speaker for t in from_annotation(diarizer(audio, DiarizationSettings(overlap_threshold=None)))} == {"A"}
+    assert {t.speaker for t in from_annotation(diarizer(audio, DiarizationSettings(max_speakers=1)))} == {"A"}
+    turns = from_annotation(diarizer(audio))
+    assert {t.speaker for t in turns} == {"A", "B"}
+    assert min(t.start for t in turns if t.speaker == "B") == pytest.approx(2.8, abs=0.1)
+
+
 def test_turns_shorter_than_two_time_bins_are_dropped_with_their_labels():
     # A 20 ms blip of a second voice (one 20 ms time bin) is not a speaker.
     turns = from_annotation(tone_diarizer()(tone_audio([(0.5, 2.5, 0), (3.0, 3.02, 1), (4.0, 5.0, 2)], 6.0)))

@@ -9,7 +9,7 @@ from nanodrz.annotation import Turn
 from nanodrz.diarize import DiarizationSettings, merge_threshold_arg, rename_by_first_turn
 from nanodrz.errors import NanodrzError
 from nanodrz.relabel import (VoiceTally, VoiceTrack, best_voice_path, elementary_pieces, merge_labels, reassign_single_speaker_stretches,
-                             refine_labels, split_labels)
+                             refine_labels, split_labels, split_single_label)
 
 
 def unit(*values: float) -> np.ndarray:
@@ -160,6 +160,19 @@ def test_a_label_holding_two_clearly_different_voices_is_split():
     assert split_labels([Turn(0.0, 7.0, "A")], [0.5], track, FRAME_RATE, max_speakers=1)[0] == [Turn(0.0, 7.0, "A")]
     named = split_labels([Turn(0.0, 7.0, "alice")], [0.5], track, FRAME_RATE, named=frozenset({"alice"}))[0]
     assert named == [Turn(0.0, 7.0, "alice")]
+
+
+def test_a_lone_label_is_split_whatever_its_voices_cosine_when_asked():
+    # Two voices at cosine 0.85: too close for the ordinary split (0.7) or to stay apart after a merge (0.85).
+    first, second = unit(1, 0, 0, 0), unit(0.85, float(np.sqrt(1 - 0.85 ** 2)), 0, 0)
+    track = np.zeros((int(9.0 * FRAME_RATE), 4), dtype=np.float32)
+    track[:int(4.5 * FRAME_RATE)], track[int(4.5 * FRAME_RATE):] = first, second
+    turns = [Turn(0.0, 9.0, "A")]
+    assert split_labels(turns, [0.5], track, FRAME_RATE)[0] == turns
+    split, scores = split_single_label(turns, [0.5], track, FRAME_RATE)
+    assert len(split) == 2 and split[0].speaker != split[1].speaker and len(scores) == 2
+    assert (split[0].start, split[1].end) == (0.0, 9.0) and split[0].end == pytest.approx(4.5, abs=0.05)
+    assert split_single_label(turns, [0.5], track, FRAME_RATE, max_speakers=1)[0] == turns
 
 
 def test_voice_track_keeps_each_chunk_after_its_prompt():

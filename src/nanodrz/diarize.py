@@ -44,8 +44,10 @@ from nanodrz.errors import NanodrzError
 from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
-from nanodrz.resegment import OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack, resegment
-from nanodrz.relabel import MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTrack, merge_by_voice, refine_labels
+from nanodrz.resegment import (OVERLAP_EVIDENCE_SECONDS, OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack,
+                               overlapped_seconds, resegment)
+from nanodrz.relabel import (MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTrack, merge_by_voice, refine_labels,
+                             split_single_label)
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 MIN_SECONDS = 0.5
@@ -325,6 +327,15 @@ class RecordingState:
                     speaker.clip = chunk[begin: begin + int(quality * SAMPLE_RATE)].copy()
                     speaker.clip_quality = quality
 
+    def _one_label_over_two_voices(self, turns: Sequence[Turn]) -> bool:
+        """The turns carry one label, yet the overlap head is sure of at least `OVERLAP_EVIDENCE_SECONDS`
+        of two voices at once (and more than one speaker is allowed)."""
+        threshold = self.settings.overlap_threshold
+        if self.counts is None or threshold is None or self.settings.max_speakers == 1:
+            return False
+        return len({t.speaker for t in turns}) == 1 and overlapped_seconds(
+            self.counts.array(), self.counts.frame_rate, threshold) >= OVERLAP_EVIDENCE_SECONDS
+
     def result(self) -> tuple[list[Turn], list[float]]:
         if self.loudest < SILENCE_DBFS:
             raise NanodrzError(f"{self.name}: the audio is silent (peak below {SILENCE_DBFS:g} dBFS)")
@@ -340,6 +351,9 @@ class RecordingState:
                                               threshold=settings.merge_threshold,
                                               min_speakers=settings.min_speakers,
                                               max_speakers=settings.max_speakers, named=named)
+                if self._one_label_over_two_voices(turns):
+                    turns, scores = split_single_label(turns, scores, track, self.track.frame_rate,
+                                                       settings.max_speakers)
         if self.counts is not None:
             turns, scores = resegment(turns, scores, self.counts.array(), self.counts.frame_rate,
                                       settings.speech_threshold, settings.overlap_threshold)

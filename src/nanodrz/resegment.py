@@ -31,6 +31,8 @@ OVERLAP_THRESHOLD = 0.9
 MIN_GAP_SECONDS = 0.1
 MIN_SPEECH_SECONDS = 0.1
 MIN_OVERLAP_SECONDS = 0.12
+# Confident overlap (at the overlap threshold) that proves a one-label recording holds two voices.
+OVERLAP_EVIDENCE_SECONDS = 1.0
 SILENCE, ONE, TWO_OR_MORE = 0, 1, 2
 
 
@@ -68,6 +70,11 @@ def resegment(turns: Sequence[Turn], scores: Sequence[float], counts: np.ndarray
         turns, scores = add_missed_speech(turns, scores, counts, frame_rate, speech_threshold)
     order = sorted(range(len(turns)), key=lambda i: (turns[i].start, turns[i].end, turns[i].speaker))
     return [turns[i] for i in order], [scores[i] for i in order]
+
+
+def overlapped_seconds(counts: np.ndarray, frame_rate: float, threshold: float = OVERLAP_THRESHOLD) -> float:
+    """Seconds where the probability of two or more speakers is at least `threshold`."""
+    return float((counts[:, TWO_OR_MORE] >= threshold).sum()) / frame_rate if len(counts) else 0.0
 
 
 def add_missed_overlap(turns: Sequence[Turn], scores: Sequence[float], counts: np.ndarray, frame_rate: float,
