@@ -9,7 +9,7 @@ from nanodrz.annotation import Turn
 from nanodrz.diarize import DiarizationSettings, merge_threshold_arg, rename_by_first_turn
 from nanodrz.errors import NanodrzError
 from nanodrz.relabel import (VoiceTally, VoiceTrack, best_voice_path, elementary_pieces, merge_labels, reassign_single_speaker_stretches,
-                             refine_labels, split_labels, split_single_label)
+                             refine_labels, speech_seconds, split_dominant_label, split_labels)
 
 
 def unit(*values: float) -> np.ndarray:
@@ -162,17 +162,23 @@ def test_a_label_holding_two_clearly_different_voices_is_split():
     assert named == [Turn(0.0, 7.0, "alice")]
 
 
-def test_a_lone_label_is_split_whatever_its_voices_cosine_when_asked():
-    # Two voices at cosine 0.85: too close for the ordinary split (0.7) or to stay apart after a merge (0.85).
+def test_the_dominant_label_is_split_whatever_its_voices_cosine_when_asked():
+    # Two voices at cosine 0.85 under "A": too close for the ordinary split (0.7) or to stay apart after a
+    # merge (0.85). A short "B" holding two voices of its own is not the dominant label and stays whole.
     first, second = unit(1, 0, 0, 0), unit(0.85, float(np.sqrt(1 - 0.85 ** 2)), 0, 0)
-    track = np.zeros((int(9.0 * FRAME_RATE), 4), dtype=np.float32)
-    track[:int(4.5 * FRAME_RATE)], track[int(4.5 * FRAME_RATE):] = first, second
-    turns = [Turn(0.0, 9.0, "A")]
-    assert split_labels(turns, [0.5], track, FRAME_RATE)[0] == turns
-    split, scores = split_single_label(turns, [0.5], track, FRAME_RATE)
-    assert len(split) == 2 and split[0].speaker != split[1].speaker and len(scores) == 2
+    track = np.zeros((int(15.0 * FRAME_RATE), 4), dtype=np.float32)
+    track[:int(4.5 * FRAME_RATE)], track[int(4.5 * FRAME_RATE):int(9 * FRAME_RATE)] = first, second
+    track[int(9 * FRAME_RATE):int(12 * FRAME_RATE)], track[int(12 * FRAME_RATE):] = unit(0, 0, 1, 0), unit(0, 0, 0, 1)
+    turns = [Turn(0.0, 9.0, "A"), Turn(9.0, 15.0, "B")]
+    assert speech_seconds(turns) == {"A": 9.0, "B": 6.0}
+    assert split_labels(turns[:1], [0.5], track, FRAME_RATE)[0] == turns[:1]
+    split, scores = split_dominant_label(turns, [0.5, 0.5], track, FRAME_RATE)
+    assert len(split) == 3 and len(scores) == 3 and split[2] == turns[1]
+    assert len({split[0].speaker, split[1].speaker, "B"}) == 3
     assert (split[0].start, split[1].end) == (0.0, 9.0) and split[0].end == pytest.approx(4.5, abs=0.05)
-    assert split_single_label(turns, [0.5], track, FRAME_RATE, max_speakers=1)[0] == turns
+    assert split_dominant_label(turns, [0.5, 0.5], track, FRAME_RATE, max_speakers=2)[0] == turns
+    assert split_dominant_label(turns, [0.5, 0.5], track, FRAME_RATE, named=frozenset({"A"}))[0] == turns
+    assert split_dominant_label([], [], track, FRAME_RATE) == ([], [])
 
 
 def test_voice_track_keeps_each_chunk_after_its_prompt():

@@ -46,8 +46,8 @@ from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
 from nanodrz.resegment import (OVERLAP_EVIDENCE_SECONDS, OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack,
                                overlapped_seconds, resegment)
-from nanodrz.relabel import (MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTrack, merge_by_voice, refine_labels,
-                             split_single_label)
+from nanodrz.relabel import (DOMINANT_SHARE, MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTrack, merge_by_voice,
+                             refine_labels, speech_seconds, split_dominant_label)
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 MIN_SECONDS = 0.5
@@ -327,13 +327,15 @@ class RecordingState:
                     speaker.clip = chunk[begin: begin + int(quality * SAMPLE_RATE)].copy()
                     speaker.clip_quality = quality
 
-    def _one_label_over_two_voices(self, turns: Sequence[Turn]) -> bool:
-        """The turns carry one label, yet the overlap head is sure of at least `OVERLAP_EVIDENCE_SECONDS`
-        of two voices at once (and more than one speaker is allowed)."""
+    def _one_voice_heard_as_two(self, turns: Sequence[Turn]) -> bool:
+        """One label carries at least `DOMINANT_SHARE` of the written speech, yet the overlap head is sure
+        of at least `OVERLAP_EVIDENCE_SECONDS` of two voices at once (and more than one speaker is
+        allowed)."""
         threshold = self.settings.overlap_threshold
-        if self.counts is None or threshold is None or self.settings.max_speakers == 1:
+        speech = speech_seconds(turns)
+        if self.counts is None or threshold is None or self.settings.max_speakers == 1 or not speech:
             return False
-        return len({t.speaker for t in turns}) == 1 and overlapped_seconds(
+        return max(speech.values()) >= DOMINANT_SHARE * sum(speech.values()) and overlapped_seconds(
             self.counts.array(), self.counts.frame_rate, threshold) >= OVERLAP_EVIDENCE_SECONDS
 
     def result(self) -> tuple[list[Turn], list[float]]:
@@ -351,9 +353,9 @@ class RecordingState:
                                               threshold=settings.merge_threshold,
                                               min_speakers=settings.min_speakers,
                                               max_speakers=settings.max_speakers, named=named)
-                if self._one_label_over_two_voices(turns):
-                    turns, scores = split_single_label(turns, scores, track, self.track.frame_rate,
-                                                       settings.max_speakers)
+                if self._one_voice_heard_as_two(turns):
+                    turns, scores = split_dominant_label(turns, scores, track, self.track.frame_rate,
+                                                         settings.max_speakers, named)
         if self.counts is not None:
             turns, scores = resegment(turns, scores, self.counts.array(), self.counts.frame_rate,
                                       settings.speech_threshold, settings.overlap_threshold)

@@ -37,6 +37,7 @@ SWITCH_PENALTY = 0.25  # in cosine similarity, per change of voice
 SPLIT_THRESHOLD = 0.7  # a label splits when its two halves' voices are less similar than this
 MIN_SPLIT_SECONDS = 1.5  # of single-speaker speech on each side
 SPLIT_BLOCK_SECONDS = 1.5
+DOMINANT_SHARE = 0.9  # of all written speech: a label this large with overlap heard may hold two voices
 
 
 @dataclass
@@ -346,16 +347,31 @@ def split_labels(turns: Sequence[Turn], scores: Sequence[float], track: np.ndarr
     return out_turns, out_scores
 
 
-def split_single_label(turns: Sequence[Turn], scores: Sequence[float], track: np.ndarray, frame_rate: float,
-                       max_speakers: int | None = None, switch_penalty: float = SWITCH_PENALTY
-                       ) -> tuple[list[Turn], list[float]]:
-    """Two voices for a recording that came out with one label although something else says it holds
-    more (the overlap head heard two voices at once): the label's blocks are split by 2-means whatever
-    the cosine of the two groups, then single-speaker stretches are re-labelled by voice. No merge
-    follows, since two real voices can be as close as the merge threshold (the telephone speakers of the
-    real sample: 0.85 between the groups)."""
-    turns, scores = split_labels(turns, scores, track, frame_rate, threshold=np.inf, max_speakers=max_speakers)
+def split_dominant_label(turns: Sequence[Turn], scores: Sequence[float], track: np.ndarray, frame_rate: float,
+                         max_speakers: int | None = None, named: frozenset[str] = frozenset(),
+                         switch_penalty: float = SWITCH_PENALTY) -> tuple[list[Turn], list[float]]:
+    """Two voices for the label with the most speech, for a recording where something else says that
+    label holds more than one (the overlap head heard two voices at once while almost all speech
+    carries it): its blocks are split by 2-means whatever the cosine of the two groups, then
+    single-speaker stretches are re-labelled by voice. No merge follows, since two real voices can be as
+    close as the merge threshold (the telephone speakers of the real sample: 0.85 between the groups).
+    Enrolled (`named`) labels are never split."""
+    speech = speech_seconds(turns)
+    if not speech:
+        return list(turns), list(scores)
+    dominant = max(speech, key=speech.get)
+    others = frozenset(speech) - {dominant}
+    turns, scores = split_labels(turns, scores, track, frame_rate, threshold=np.inf, max_speakers=max_speakers,
+                                 named=named | others)
     return reassign_single_speaker_stretches(turns, scores, track, frame_rate, switch_penalty)
+
+
+def speech_seconds(turns: Sequence[Turn]) -> dict[str, float]:
+    """label -> total length of its turns."""
+    speech: dict[str, float] = {}
+    for turn in turns:
+        speech[turn.speaker] = speech.get(turn.speaker, 0.0) + turn.end - turn.start
+    return speech
 
 
 def _two_means(vectors: np.ndarray, weights: np.ndarray, iterations: int = 10) -> tuple[np.ndarray, float]:
