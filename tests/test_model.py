@@ -146,19 +146,30 @@ def test_activity_targets_and_loss_by_hand():
     assert float(activity_loss(confident[None], torch.tensor([5]), spans, 25.0)) < 1e-6
 
 
-def test_activity_head_outputs_one_row_per_audio_frame():
+@pytest.mark.parametrize("option, head, width, cached, probabilities", [
+    ("activity_head", "activity", 4, "activity", torch.sigmoid),
+    ("overlap_head", "speaker_count", 3, "speaker_counts", lambda logits: torch.softmax(logits, -1)),
+])
+def test_frame_heads_output_one_row_per_audio_frame(option, head, width, cached, probabilities):
     torch.manual_seed(0)
     tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
-    model = DiarizationModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_mels=40, activity_head=True), tokenizer)
+    model = DiarizationModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_mels=40, **{option: True}), tokenizer)
     audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(1), model)
     logits, heads, frames = model(audio, audio_lengths, tokens, token_lengths, frame_heads=True)
-    activity = heads["activity"]
     torch.testing.assert_close(logits, model(audio, audio_lengths, tokens, token_lengths))
-    assert activity.shape == (2, int(frames.max()), 4) and frames.tolist() == model.front_end.num_frames(audio_lengths).tolist()
+    assert set(heads) == {head} and heads[head].shape == (2, int(frames.max()), width)
+    assert frames.tolist() == model.front_end.num_frames(audio_lengths).tolist()
     with torch.no_grad():
         cache, _, _ = model.prefill(audio, audio_lengths, tokens, token_lengths, max_new_tokens=3)
     for i, n in enumerate(frames.tolist()):
-        torch.testing.assert_close(cache.activity[i, :n], torch.sigmoid(activity[i, :n]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(getattr(cache, cached)[i, :n], probabilities(heads[head][i, :n]), atol=1e-5,
+                                   rtol=1e-4)
+    # Padding does not reach an item's frames (the overlap head's convolution sees neighbours).
+    shorter = int(torch.argmin(audio_lengths))
+    _, alone, n = model(audio[shorter:shorter + 1, :int(audio_lengths[shorter])], audio_lengths[shorter:shorter + 1],
+                        tokens[shorter:shorter + 1, :int(token_lengths[shorter])], token_lengths[shorter:shorter + 1],
+                        frame_heads=True)
+    torch.testing.assert_close(alone[head][0], heads[head][shorter, :int(n[0])], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="no frame-level head"):
         make_model()(audio, audio_lengths, tokens, token_lengths, frame_heads=True)
 
@@ -178,28 +189,6 @@ def test_speaker_count_loss_by_hand():
     three = torch.tensor([[[0.0, 0.2, 0.0], [0.0, 0.2, 1.0], [0.0, 0.2, 2.0]]])
     two_or_more = torch.tensor([[0.0, 0.0, 40.0]]).repeat(5, 1)
     assert float(speaker_count_loss(two_or_more[None], torch.tensor([5]), three, 25.0)) < 1e-6
-
-
-def test_overlap_head_outputs_speaker_count_probabilities_per_audio_frame():
-    torch.manual_seed(0)
-    tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
-    model = DiarizationModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_mels=40, overlap_head=True), tokenizer)
-    audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(1), model)
-    logits, heads, frames = model(audio, audio_lengths, tokens, token_lengths, frame_heads=True)
-    assert set(heads) == {"speaker_count"} and heads["speaker_count"].shape == (2, int(frames.max()), 3)
-    torch.testing.assert_close(logits, model(audio, audio_lengths, tokens, token_lengths))
-    with torch.no_grad():
-        cache, _, _ = model.prefill(audio, audio_lengths, tokens, token_lengths, max_new_tokens=3)
-    for i, n in enumerate(frames.tolist()):
-        torch.testing.assert_close(cache.speaker_counts[i, :n], torch.softmax(heads["speaker_count"][i, :n], -1),
-                                   atol=1e-5, rtol=1e-4)
-    # Padding does not reach an item's frames through the head's convolution.
-    shorter = int(torch.argmin(audio_lengths))
-    _, alone, n = model(audio[shorter:shorter + 1, :int(audio_lengths[shorter])], audio_lengths[shorter:shorter + 1],
-                        tokens[shorter:shorter + 1, :int(token_lengths[shorter])], token_lengths[shorter:shorter + 1],
-                        frame_heads=True)
-    torch.testing.assert_close(alone["speaker_count"][0], heads["speaker_count"][shorter, :int(n[0])], atol=1e-5,
-                               rtol=1e-4)
 
 
 def test_time_pointer_scores_each_time_token_by_the_frame_at_that_time():

@@ -327,16 +327,16 @@ class RecordingState:
                     speaker.clip = chunk[begin: begin + int(quality * SAMPLE_RATE)].copy()
                     speaker.clip_quality = quality
 
-    def _one_voice_heard_as_two(self, turns: Sequence[Turn]) -> bool:
-        """One label carries at least `DOMINANT_SHARE` of the written speech, yet the overlap head is sure
-        of at least `OVERLAP_EVIDENCE_SECONDS` of two voices at once (and more than one speaker is
-        allowed)."""
+    def _one_voice_heard_as_two(self, turns: Sequence[Turn], counts: np.ndarray | None) -> bool:
+        """One label carries at least `DOMINANT_SHARE` of the written speech, yet the overlap head's
+        `counts` are sure of at least `OVERLAP_EVIDENCE_SECONDS` of two voices at once (and more than one
+        speaker is allowed)."""
         threshold = self.settings.overlap_threshold
         speech = speech_seconds(turns)
-        if self.counts is None or threshold is None or self.settings.max_speakers == 1 or not speech:
+        if counts is None or threshold is None or self.settings.max_speakers == 1 or not speech:
             return False
         return max(speech.values()) >= DOMINANT_SHARE * sum(speech.values()) and overlapped_seconds(
-            self.counts.array(), self.counts.frame_rate, threshold) >= OVERLAP_EVIDENCE_SECONDS
+            counts, self.counts.frame_rate, threshold) >= OVERLAP_EVIDENCE_SECONDS
 
     def result(self) -> tuple[list[Turn], list[float]]:
         if self.loudest < SILENCE_DBFS:
@@ -344,6 +344,7 @@ class RecordingState:
         settings = self.settings
         named = frozenset(speaker.label for speaker in self.known if speaker.enrolled)
         turns, scores = self.turns, self.scores
+        counts = self.counts.array() if self.counts is not None else None
         if self.track is not None:
             track = self.track.array()
             turns = merge_by_voice(turns, track, self.track.frame_rate, settings.merge_threshold,
@@ -353,12 +354,12 @@ class RecordingState:
                                               threshold=settings.merge_threshold,
                                               min_speakers=settings.min_speakers,
                                               max_speakers=settings.max_speakers, named=named)
-                if self._one_voice_heard_as_two(turns):
+                if self._one_voice_heard_as_two(turns, counts):
                     turns, scores = split_dominant_label(turns, scores, track, self.track.frame_rate,
                                                          settings.max_speakers, named)
-        if self.counts is not None:
-            turns, scores = resegment(turns, scores, self.counts.array(), self.counts.frame_rate,
-                                      settings.speech_threshold, settings.overlap_threshold)
+        if counts is not None:
+            turns, scores = resegment(turns, scores, counts, self.counts.frame_rate, settings.speech_threshold,
+                                      settings.overlap_threshold)
         turns, scores = stitch(turns, scores, 2 * self.geometry.time_resolution)
         # A turn shorter than two time bins is an artefact (e.g. a turn started in a chunk's last bin).
         kept = [i for i, turn in enumerate(turns) if turn.end - turn.start >= 2 * self.geometry.time_resolution - 1e-9]

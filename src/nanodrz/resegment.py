@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from nanodrz.annotation import Turn
+from nanodrz.relabel import speech_seconds
 
 # Chosen on validation speakers: benchmarks/results/resegmentation.md.
 SPEECH_THRESHOLD = 0.6
@@ -189,9 +190,7 @@ def runs(values: np.ndarray) -> list[tuple[int, int]]:
 def nearest_speaker(turns: Sequence[Turn], start: float, end: float, besides: str | None = None) -> str | None:
     """The label (other than `besides`) with a turn closest to [start, end) (0 if they touch or
     overlap); ties go to the label with more speech."""
-    speech: dict[str, float] = {}
-    for turn in turns:
-        speech[turn.speaker] = speech.get(turn.speaker, 0.0) + turn.end - turn.start
+    speech = speech_seconds(turns)
     best: tuple[float, float, str] | None = None
     for turn in turns:
         if turn.speaker == besides:
