@@ -32,8 +32,9 @@ OVERLAP_THRESHOLD = 0.9
 MIN_GAP_SECONDS = 0.1
 MIN_SPEECH_SECONDS = 0.1
 MIN_OVERLAP_SECONDS = 0.12
-# Confident overlap (at the overlap threshold) that proves a one-label recording holds two voices.
-OVERLAP_EVIDENCE_SECONDS = 1.0
+# Confident overlap (at the overlap threshold) that shows a dominant label holds two voices; chosen on
+# validation speakers: benchmarks/results/overlap_evidence.md.
+OVERLAP_EVIDENCE_SECONDS = 0.5
 SILENCE, ONE, TWO_OR_MORE = 0, 1, 2
 
 
