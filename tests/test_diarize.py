@@ -237,7 +237,7 @@ def test_one_label_over_two_close_voices_is_split_when_the_overlap_head_hears_bo
 
 def test_turns_shorter_than_two_time_bins_are_dropped_with_their_labels():
     # A 20 ms blip of a second voice (one 20 ms time bin) is not a speaker.
-    turns = from_annotation(tone_diarizer()(tone_audio([(0.5, 2.5, 0), (3.0, 3.02, 1), (4.0, 5.0, 2)], 6.0)))
+    turns = from_annotation(tone_diarizer()(tone_audio([(0.5, 2.5, 0), (3.0, 3.02, 1), (4.0, 5.8, 2)], 6.0)))
     assert [(t.speaker, round(t.start, 2)) for t in turns] == [("A", 0.5), ("B", 4.0)]
 
 

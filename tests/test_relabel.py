@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from nanodrz.annotation import Turn
-from nanodrz.diarize import DiarizationSettings, merge_threshold_arg, rename_by_first_turn
+from nanodrz.diarize import DiarizationSettings, merge_threshold_arg, one_voice_heard_as_two, rename_by_first_turn
 from nanodrz.errors import NanodrzError
-from nanodrz.relabel import (VoiceTally, VoiceTrack, best_voice_path, elementary_pieces, merge_labels, reassign_single_speaker_stretches,
+from nanodrz.relabel import (VoiceTally, VoiceTrack, absorb_small_labels, best_voice_path, dominant_label_voices, elementary_pieces, merge_labels, reassign_single_speaker_stretches,
                              refine_labels, speech_seconds, split_dominant_label, split_labels)
 
 
@@ -192,3 +192,63 @@ def test_voice_track_keeps_each_chunk_after_its_prompt():
 def test_refine_passes_setting():
     with pytest.raises(NanodrzError, match="refine-passes"):
         DiarizationSettings(refine_passes=-1)
+
+
+def voices_at_cosine(cosine: float) -> np.ndarray:
+    """Ten seconds of one voice and then ten of another at `cosine` to it."""
+    track = np.zeros((int(20.0 * FRAME_RATE), 4), dtype=np.float32)
+    track[:int(10 * FRAME_RATE)] = unit(1, 0, 0, 0)
+    track[int(10 * FRAME_RATE):] = unit(cosine, float(np.sqrt(1 - cosine ** 2)), 0, 0)
+    return track
+
+
+def overlap_counts(seconds: float) -> np.ndarray:
+    """Twenty seconds of speaker counts, sure of two voices over the first `seconds`."""
+    counts = np.tile(np.array([0.0, 1.0, 0.0], dtype=np.float32), (int(20.0 * FRAME_RATE), 1))
+    counts[:int(seconds * FRAME_RATE)] = (0.0, 0.02, 0.98)
+    return counts
+
+
+@pytest.mark.parametrize("cosine, overlap_seconds, expected", [
+    (0.80, 0.0, True),  # two clearly different voices under one label: split on voices alone
+    (0.90, 0.0, False),  # as close as one voice can drift: kept
+    (0.90, 1.0, True),  # ... unless the overlap head hears two voices at once
+    (0.97, 1.0, False),  # near copies stay one voice whatever the head hears
+])
+def test_a_dominant_label_holds_two_voices_by_voice_or_by_heard_overlap(cosine, overlap_seconds, expected):
+    turns = [Turn(0.0, 20.0, "A")]
+    found = dominant_label_voices(turns, voices_at_cosine(cosine), FRAME_RATE)
+    assert found[0] == "A" and found[1] == 1.0 and found[2] == pytest.approx(cosine, abs=0.03)
+    assert found[3] == pytest.approx(10.0, abs=1.0)  # the block across the change goes to one side
+    heard = one_voice_heard_as_two(turns, voices_at_cosine(cosine), FRAME_RATE, overlap_counts(overlap_seconds),
+                                   FRAME_RATE, DiarizationSettings())
+    assert heard is expected
+
+
+def test_no_dominant_split_below_the_share_or_for_one_speaker_or_a_short_second_voice():
+    track, counts = voices_at_cosine(0.8), overlap_counts(1.0)
+    half = [Turn(0.0, 10.0, "A"), Turn(10.0, 20.0, "B")]
+    assert not one_voice_heard_as_two(half, track, FRAME_RATE, counts, FRAME_RATE, DiarizationSettings())
+    whole = [Turn(0.0, 20.0, "A")]
+    assert not one_voice_heard_as_two(whole, track, FRAME_RATE, counts, FRAME_RATE, DiarizationSettings(max_speakers=1))
+    short = voices_at_cosine(0.8)
+    short[:int(18 * FRAME_RATE)] = unit(1, 0, 0, 0)  # the second voice for the last 2 s only
+    assert not one_voice_heard_as_two(whole, short, FRAME_RATE, None, FRAME_RATE, DiarizationSettings())
+    assert dominant_label_voices([], track, FRAME_RATE) is None
+
+
+def test_a_label_with_little_speech_joins_the_closest_voice():
+    track = np.zeros((int(12.0 * FRAME_RATE), 4), dtype=np.float32)
+    track[:int(5 * FRAME_RATE)] = unit(1, 0, 0, 0)
+    track[int(5 * FRAME_RATE):int(10 * FRAME_RATE)] = unit(0, 1, 0, 0)
+    track[int(10 * FRAME_RATE):] = unit(0.2, 0.9, 0.3, 0)  # closer to B's voice than to A's
+    turns = [Turn(0.0, 5.0, "A"), Turn(5.0, 10.0, "B"), Turn(10.0, 11.0, "C")]
+    assert absorb_small_labels(turns, track, FRAME_RATE, min_seconds=1.5) == turns[:2] + [Turn(10.0, 11.0, "B")]
+    assert absorb_small_labels(turns, track, FRAME_RATE, min_seconds=0.5) == turns
+    assert absorb_small_labels(turns, track, FRAME_RATE, min_seconds=1.5, min_speakers=3) == turns
+    named = [Turn(0.0, 5.0, "A"), Turn(5.0, 10.0, "B"), Turn(10.0, 11.0, "carol")]
+    assert absorb_small_labels(named, track, FRAME_RATE, min_seconds=1.5, named=frozenset({"carol"})) == named
+    # Two small labels: the smaller goes first, and never into a label that has already gone.
+    small = [Turn(0.0, 5.0, "A"), Turn(10.0, 11.0, "C"), Turn(10.0, 10.5, "D")]
+    assert {t.speaker for t in absorb_small_labels(small, track, FRAME_RATE, min_seconds=1.5)} == {"A"}
+    assert absorb_small_labels([], track, FRAME_RATE) == []

@@ -46,8 +46,9 @@ from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
 from nanodrz.resegment import (OVERLAP_EVIDENCE_SECONDS, OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack,
                                overlapped_seconds, resegment)
-from nanodrz.relabel import (DOMINANT_SHARE, MERGE_THRESHOLD, REFINE_PASSES, WINDOW_SECONDS, VoiceTrack, merge_by_voice,
-                             refine_labels, speech_seconds, split_dominant_label)
+from nanodrz.relabel import (DOMINANT_SHARE, MERGE_THRESHOLD, MIN_LABEL_SECONDS, absorb_small_labels, REFINE_PASSES, SAME_VOICE_COSINE, TWO_VOICE_COSINE,
+                             TWO_VOICE_SECONDS, WINDOW_SECONDS, VoiceTrack, dominant_label_voices, merge_by_voice,
+                             refine_labels, split_dominant_label)
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 MIN_SECONDS = 0.5
@@ -327,43 +328,64 @@ class RecordingState:
                     speaker.clip = chunk[begin: begin + int(quality * SAMPLE_RATE)].copy()
                     speaker.clip_quality = quality
 
-    def _one_voice_heard_as_two(self, turns: Sequence[Turn], counts: np.ndarray | None) -> bool:
-        """One label carries at least `DOMINANT_SHARE` of the written speech, yet the overlap head's
-        `counts` are sure of at least `OVERLAP_EVIDENCE_SECONDS` of two voices at once (and more than one
-        speaker is allowed)."""
-        threshold = self.settings.overlap_threshold
-        speech = speech_seconds(turns)
-        if counts is None or threshold is None or self.settings.max_speakers == 1 or not speech:
-            return False
-        return max(speech.values()) >= DOMINANT_SHARE * sum(speech.values()) and overlapped_seconds(
-            counts, self.counts.frame_rate, threshold) >= OVERLAP_EVIDENCE_SECONDS
-
     def result(self) -> tuple[list[Turn], list[float]]:
         if self.loudest < SILENCE_DBFS:
             raise NanodrzError(f"{self.name}: the audio is silent (peak below {SILENCE_DBFS:g} dBFS)")
-        settings = self.settings
         named = frozenset(speaker.label for speaker in self.known if speaker.enrolled)
-        turns, scores = self.turns, self.scores
-        counts = self.counts.array() if self.counts is not None else None
-        if self.track is not None:
-            track = self.track.array()
-            turns = merge_by_voice(turns, track, self.track.frame_rate, settings.merge_threshold,
-                                   settings.min_speakers, settings.max_speakers, named)
-            if settings.refine_passes:
-                turns, scores = refine_labels(turns, scores, track, self.track.frame_rate, settings.refine_passes,
-                                              threshold=settings.merge_threshold,
-                                              min_speakers=settings.min_speakers,
-                                              max_speakers=settings.max_speakers, named=named)
-                if self._one_voice_heard_as_two(turns, counts):
-                    turns, scores = split_dominant_label(turns, scores, track, self.track.frame_rate,
-                                                         settings.max_speakers, named)
-        if counts is not None:
-            turns, scores = resegment(turns, scores, counts, self.counts.frame_rate, settings.speech_threshold,
-                                      settings.overlap_threshold)
-        turns, scores = stitch(turns, scores, 2 * self.geometry.time_resolution)
-        # A turn shorter than two time bins is an artefact (e.g. a turn started in a chunk's last bin).
-        kept = [i for i, turn in enumerate(turns) if turn.end - turn.start >= 2 * self.geometry.time_resolution - 1e-9]
-        return rename_by_first_turn([turns[i] for i in kept], named), [scores[i] for i in kept]
+        return finish_turns(self.turns, self.scores, self.track, self.counts, self.settings, named,
+                            self.geometry.time_resolution)
+
+
+def finish_turns(turns: Sequence[Turn], scores: Sequence[float], voices: VoiceTrack | None, counts: CountTrack | None,
+                 settings: DiarizationSettings, named: frozenset[str], time_resolution: float
+                 ) -> tuple[list[Turn], list[float]]:
+    """A whole recording's stitched chunk turns -> its final turns: labels merged and re-decided by
+    voice (`relabel`), resegmented by the overlap head (`resegment`), stitched, renamed. A pure function
+    of what the chunks left behind, so benchmarks can replay it under other settings."""
+    turns, scores = list(turns), list(scores)
+    count_array = counts.array() if counts is not None else None
+    if voices is not None:
+        track = voices.array()
+        turns = merge_by_voice(turns, track, voices.frame_rate, settings.merge_threshold,
+                               settings.min_speakers, settings.max_speakers, named)
+        if settings.refine_passes:
+            turns, scores = refine_labels(turns, scores, track, voices.frame_rate, settings.refine_passes,
+                                          threshold=settings.merge_threshold, min_speakers=settings.min_speakers,
+                                          max_speakers=settings.max_speakers, named=named)
+            if one_voice_heard_as_two(turns, track, voices.frame_rate, count_array,
+                                      counts.frame_rate if counts else 0.0, settings):
+                turns, scores = split_dominant_label(turns, scores, track, voices.frame_rate,
+                                                     settings.max_speakers, named)
+            turns = absorb_small_labels(turns, track, voices.frame_rate, MIN_LABEL_SECONDS, settings.min_speakers,
+                                        named)
+    if counts is not None:
+        turns, scores = resegment(turns, scores, count_array, counts.frame_rate, settings.speech_threshold,
+                                  settings.overlap_threshold)
+    turns, scores = stitch(turns, scores, 2 * time_resolution)
+    # A turn shorter than two time bins is an artefact (e.g. a turn started in a chunk's last bin).
+    kept = [i for i, turn in enumerate(turns) if turn.end - turn.start >= 2 * time_resolution - 1e-9]
+    return rename_by_first_turn([turns[i] for i in kept], named), [scores[i] for i in kept]
+
+
+def one_voice_heard_as_two(turns: Sequence[Turn], track: np.ndarray, voice_rate: float, counts: np.ndarray | None,
+                           count_rate: float, settings: DiarizationSettings) -> bool:
+    """One label carries at least `DOMINANT_SHARE` of the written speech (and more than one speaker is
+    allowed), and either its voice blocks fall into two clearly different voices (cosine below
+    `TWO_VOICE_COSINE`, the smaller at least `TWO_VOICE_SECONDS` long), or the overlap head's `counts`
+    are sure of at least `OVERLAP_EVIDENCE_SECONDS` of two voices at once and the two voices are not
+    near copies (cosine below `SAME_VOICE_COSINE`: the head also hears "overlap" in some monologues)."""
+    if settings.max_speakers == 1:
+        return False
+    found = dominant_label_voices(turns, track, voice_rate)
+    if found is None or found[1] < DOMINANT_SHARE:
+        return False
+    _, _, similarity, smaller = found
+    if similarity < TWO_VOICE_COSINE and smaller >= TWO_VOICE_SECONDS:
+        return True
+    threshold = settings.overlap_threshold
+    heard = counts is not None and threshold is not None and overlapped_seconds(
+        counts, count_rate, threshold) >= OVERLAP_EVIDENCE_SECONDS
+    return heard and similarity < SAME_VOICE_COSINE
 
 
 def rename_by_first_turn(turns: Sequence[Turn], named: frozenset[str]) -> list[Turn]:

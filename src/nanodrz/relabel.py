@@ -37,7 +37,15 @@ SWITCH_PENALTY = 0.25  # in cosine similarity, per change of voice
 SPLIT_THRESHOLD = 0.7  # a label splits when its two halves' voices are less similar than this
 MIN_SPLIT_SECONDS = 1.5  # of single-speaker speech on each side
 SPLIT_BLOCK_SECONDS = 1.5
-DOMINANT_SHARE = 0.9  # of all written speech: a label this large with overlap heard may hold two voices
+DOMINANT_SHARE = 0.9  # of all written speech: a label this large may hold two voices (`split_dominant_label`)
+# It does when its two voice groups are this far apart, or when overlap is heard and they are at least
+# this far apart. Chosen on validation speakers: benchmarks/results/label_rules.md.
+TWO_VOICE_COSINE = 0.85
+TWO_VOICE_SECONDS = 3.0  # in the smaller group
+SAME_VOICE_COSINE = 0.95
+# A label with less written speech than this is an artefact more often than a speaker (pyannote's
+# `min_cluster_size` in spirit): it joins the label whose voice it is closest to. Chosen with the two above.
+MIN_LABEL_SECONDS = 1.5
 
 
 @dataclass
@@ -288,6 +296,49 @@ def _relabel_run(run: list[tuple[float, float, str, float]], voices: np.ndarray,
     return result
 
 
+def voice_blocks(pieces: list[tuple[float, float, list[tuple[str, float]]]], track: np.ndarray, frame_rate: float
+                 ) -> dict[str, list[tuple[int, float, float, np.ndarray, int]]]:
+    """label -> its single-speaker speech cut into blocks of about `SPLIT_BLOCK_SECONDS`: (piece index,
+    start, end, unit mean voice, frames), for blocks of at least 0.2 s with a voice."""
+    blocks: dict[str, list[tuple[int, float, float, np.ndarray, int]]] = {}
+    for index, (left, right, active) in enumerate(pieces):
+        if len(active) != 1:
+            continue
+        edges = np.linspace(left, right, max(1, int(round((right - left) / SPLIT_BLOCK_SECONDS))) + 1)
+        for start, end in zip(edges, edges[1:]):
+            frames = track[_frame_range(start, end, frame_rate, len(track))]
+            mean = frames.sum(axis=0, dtype=np.float64)
+            if len(frames) >= frame_rate * 0.2 and np.linalg.norm(mean) > 0:
+                blocks.setdefault(active[0][0], []).append(
+                    (index, float(start), float(end), mean / np.linalg.norm(mean), len(frames)))
+    return blocks
+
+
+def two_voices(blocks: list[tuple[int, float, float, np.ndarray, int]], frame_rate: float
+               ) -> tuple[np.ndarray, float, list[float]]:
+    """2-means on one label's voice blocks: the group of each block, the cosine of the two group voices,
+    and the seconds in each group."""
+    side, similarity = _two_means(np.stack([b[3] for b in blocks]), np.array([b[4] for b in blocks], dtype=np.float64))
+    seconds = [sum(b[4] for b, s in zip(blocks, side) if s == k) / frame_rate for k in (0, 1)]
+    return side, similarity, seconds
+
+
+def dominant_label_voices(turns: Sequence[Turn], track: np.ndarray, frame_rate: float
+                          ) -> tuple[str, float, float, float] | None:
+    """For the label with the most written speech: (label, its share of all written speech, the cosine
+    of its two voices by 2-means on its blocks, the seconds of the smaller group); None when there is no
+    speech or that label has fewer than 4 blocks."""
+    speech = speech_seconds(turns)
+    if not speech:
+        return None
+    dominant = max(speech, key=speech.get)
+    blocks = voice_blocks(elementary_pieces(turns, [0.0] * len(turns)), track, frame_rate).get(dominant, [])
+    if len(blocks) < 4:
+        return None
+    _, similarity, seconds = two_voices(blocks, frame_rate)
+    return dominant, speech[dominant] / sum(speech.values()), similarity, min(seconds)
+
+
 def split_labels(turns: Sequence[Turn], scores: Sequence[float], track: np.ndarray, frame_rate: float,
                  threshold: float = SPLIT_THRESHOLD, min_seconds: float = MIN_SPLIT_SECONDS,
                  max_speakers: int | None = None, named: frozenset[str] = frozenset()
@@ -298,24 +349,13 @@ def split_labels(turns: Sequence[Turn], scores: Sequence[float], track: np.ndarr
     `max_speakers` labels exist)."""
     pieces = elementary_pieces(turns, scores)
     labels = sorted({t.speaker for t in turns})
-    blocks: dict[str, list[tuple[int, float, float, np.ndarray, int]]] = {label: [] for label in labels}
-    for index, (left, right, active) in enumerate(pieces):
-        if len(active) != 1:
-            continue
-        edges = np.linspace(left, right, max(1, int(round((right - left) / SPLIT_BLOCK_SECONDS))) + 1)
-        for start, end in zip(edges, edges[1:]):
-            frames = track[_frame_range(start, end, frame_rate, len(track))]
-            mean = frames.sum(axis=0, dtype=np.float64)
-            if len(frames) >= frame_rate * 0.2 and np.linalg.norm(mean) > 0:
-                blocks[active[0][0]].append((index, float(start), float(end), mean / np.linalg.norm(mean), len(frames)))
+    blocks = voice_blocks(pieces, track, frame_rate)
     moved: dict[int, list[tuple[float, float, str]]] = {}
     count = len(labels)
     for label in labels:
-        if label in named or len(blocks[label]) < 4 or (max_speakers is not None and count >= max_speakers):
+        if label in named or len(blocks.get(label, ())) < 4 or (max_speakers is not None and count >= max_speakers):
             continue
-        side, similarity = _two_means(np.stack([b[3] for b in blocks[label]]),
-                                      np.array([b[4] for b in blocks[label]], dtype=np.float64))
-        seconds = [sum(b[4] for b, s in zip(blocks[label], side) if s == k) / frame_rate for k in (0, 1)]
+        side, similarity, seconds = two_voices(blocks[label], frame_rate)
         if similarity >= threshold or min(seconds) < min_seconds:
             continue
         new_label = _fresh_label(labels, count)
@@ -364,6 +404,33 @@ def split_dominant_label(turns: Sequence[Turn], scores: Sequence[float], track: 
     turns, scores = split_labels(turns, scores, track, frame_rate, threshold=np.inf, max_speakers=max_speakers,
                                  named=named | others)
     return reassign_single_speaker_stretches(turns, scores, track, frame_rate, switch_penalty)
+
+
+def absorb_small_labels(turns: Sequence[Turn], track: np.ndarray, frame_rate: float, min_seconds: float = MIN_LABEL_SECONDS,
+                        min_speakers: int = 0, named: frozenset[str] = frozenset()) -> list[Turn]:
+    """`turns` with every unnamed label of less than `min_seconds` of speech relabelled as the label
+    whose voice is most similar (voices: the mean embedding over all of a label's turns, so a label
+    heard only in overlap still has one), smallest first, while more than `min_speakers` labels are
+    left."""
+    speech = speech_seconds(turns)
+    voices: dict[str, np.ndarray] = {}
+    for label in speech:
+        frames = [track[_frame_range(t.start, t.end, frame_rate, len(track))] for t in turns if t.speaker == label]
+        total = np.concatenate(frames).sum(axis=0, dtype=np.float64) if frames else np.zeros(0)
+        if total.size and np.linalg.norm(total) > 0:
+            voices[label] = total / np.linalg.norm(total)
+    owner = {label: label for label in speech}
+    for label in sorted(speech, key=speech.get):
+        alive = {owner[other] for other in speech}
+        if speech[label] >= min_seconds or label in named or label not in voices or len(alive) <= max(min_speakers, 1):
+            continue
+        others = [other for other in alive if other != label and other in voices]
+        if others:
+            target = max(others, key=lambda other: float(voices[label] @ voices[other]))
+            for key, current in owner.items():
+                if current == label:
+                    owner[key] = target
+    return [Turn(t.start, t.end, owner[t.speaker]) for t in turns]
 
 
 def speech_seconds(turns: Sequence[Turn]) -> dict[str, float]:
