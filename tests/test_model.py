@@ -146,14 +146,16 @@ def test_activity_targets_and_loss_by_hand():
     assert float(activity_loss(confident[None], torch.tensor([5]), spans, 25.0)) < 1e-6
 
 
-@pytest.mark.parametrize("option, head, width, cached, probabilities", [
-    ("activity_head", "activity", 4, "activity", torch.sigmoid),
-    ("overlap_head", "speaker_count", 3, "speaker_counts", lambda logits: torch.softmax(logits, -1)),
+@pytest.mark.parametrize("options, head, width, cached, probabilities", [
+    ({"activity_head": True}, "activity", 4, "activity", torch.sigmoid),
+    ({"overlap_head": True}, "speaker_count", 3, "speaker_counts", lambda logits: torch.softmax(logits, -1)),
+    ({"overlap_head": True, "overlap_head_layers": 3}, "speaker_count", 3, "speaker_counts",
+     lambda logits: torch.softmax(logits, -1)),
 ])
-def test_frame_heads_output_one_row_per_audio_frame(option, head, width, cached, probabilities):
+def test_frame_heads_output_one_row_per_audio_frame(options, head, width, cached, probabilities):
     torch.manual_seed(0)
     tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
-    model = DiarizationModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_mels=40, **{option: True}), tokenizer)
+    model = DiarizationModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_mels=40, **options), tokenizer)
     audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(1), model)
     logits, heads, frames = model(audio, audio_lengths, tokens, token_lengths, frame_heads=True)
     torch.testing.assert_close(logits, model(audio, audio_lengths, tokens, token_lengths))
@@ -172,6 +174,8 @@ def test_frame_heads_output_one_row_per_audio_frame(option, head, width, cached,
     torch.testing.assert_close(alone[head][0], heads[head][shorter, :int(n[0])], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="no frame-level head"):
         make_model()(audio, audio_lengths, tokens, token_lengths, frame_heads=True)
+    with pytest.raises(ValueError, match="overlap_head_layers"):
+        ModelConfig(overlap_head=True, overlap_head_layers=0)
 
 
 def test_speaker_count_loss_by_hand():

@@ -29,7 +29,7 @@ One sequence per example: audio positions (from the front end), then tokens
   ties each frame's state to the letters the decoder will write about it.
 * `overlap_head: true` adds a small read-out of every audio position's input and final state
   (`SpeakerCountHead`): how many speakers talk in that frame (none, one, two or more), one class per frame as in powerset
-  segmentation. Long-form inference uses it to find overlapped speech the decoder did not write
+  segmentation; `overlap_head_layers` > 1 widens its view with dilated convolutions. Long-form inference uses it to find overlapped speech the decoder did not write
   (`overlap.add_missed_overlap`); grown onto a trained model with the rest frozen, it costs no change
   to what the decoder writes.
 """
@@ -71,6 +71,7 @@ class ModelConfig:
     rope_fraction: float = 1.0
     activity_head: bool = False
     overlap_head: bool = False
+    overlap_head_layers: int = 1
     span_voices: bool = False
     voice_similarity: bool = False
     time_pointer: bool = False
@@ -87,6 +88,8 @@ class ModelConfig:
             raise ValueError("d_model must divide into n_heads heads of even size")
         if not 0.0 <= self.rope_fraction <= 1.0:
             raise ValueError("rope_fraction must lie in [0, 1]")
+        if self.overlap_head_layers < 1:
+            raise ValueError("overlap_head_layers must be at least 1")
 
 
 def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -234,19 +237,26 @@ class Block(nn.Module):
 class SpeakerCountHead(nn.Module):
     """How many speakers talk in each audio frame (none, one, two or more), from the frame's input
     (front end) next to its final state, with two frames of context each side (a 5-tap convolution):
-    the final states were trained to serve the tokens and may drop acoustic detail an overlap shows."""
+    the final states were trained to serve the tokens and may drop acoustic detail an overlap shows.
+    Each of `layers` - 1 further residual 5-tap convolutions, dilated 2, 4, ..., doubles the context
+    that reaches a frame's answer (3 layers: 14 frames, 0.56 s, each side)."""
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, layers: int = 1):
         super().__init__()
         self.mix = nn.Conv1d(2 * d_model, d_model, kernel_size=5, padding=2)
+        self.context = nn.ModuleList(nn.Conv1d(d_model, d_model, kernel_size=5, padding=2 * 2 ** i, dilation=2 ** i)
+                                     for i in range(1, layers))
         self.out = nn.Linear(d_model, SPEAKER_COUNT_CLASSES)
 
     def forward(self, audio_x: torch.Tensor, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, 3) logits from (B, T, d) inputs and final states of which `frames` (B,) are real; padding
-        is zeroed first, so an item's logits do not depend on its batch."""
-        real = (torch.arange(audio_x.shape[1], device=audio_x.device) < frames[:, None])[..., None]
-        x = torch.cat([audio_x, hidden.to(audio_x.dtype)], dim=-1) * real
-        return self.out(F.gelu(self.mix(x.transpose(1, 2)).transpose(1, 2)))
+        is zeroed first (and after every layer), so an item's logits do not depend on its batch."""
+        real = (torch.arange(audio_x.shape[1], device=audio_x.device) < frames[:, None])[:, None, :]
+        x = torch.cat([audio_x, hidden.to(audio_x.dtype)], dim=-1).transpose(1, 2) * real
+        x = F.gelu(self.mix(x)) * real
+        for layer in self.context:
+            x = x + F.gelu(layer(x)) * real
+        return self.out(x.transpose(1, 2))
 
 
 class DiarizationModel(nn.Module):
@@ -260,7 +270,7 @@ class DiarizationModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
         self.activity = nn.Linear(config.d_model, tokenizer.num_speakers) if config.activity_head else None
-        self.speaker_count = SpeakerCountHead(config.d_model) if config.overlap_head else None
+        self.speaker_count = SpeakerCountHead(config.d_model, config.overlap_head_layers) if config.overlap_head else None
         self.span_projection = (nn.Linear(self.front_end.embedding_size, config.d_model, bias=False)
                                 if config.span_voices else None)
         self.similarity_scale = self.similarity_threshold = None
