@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from nanodrz import diarize
 from nanodrz.annotation import read_rttm
-from nanodrz.diarize import DiarizationSettings, Diarizer, RecordingState, finish_turns
+from nanodrz.diarize import ChunkOutputs, DiarizationSettings, Diarizer
+from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import score
 from nanodrz.fileio import atomic_open
 
@@ -53,23 +54,16 @@ SAME_VOICE_COSINE = (float("inf"), 0.95)
 MIN_LABEL_SECONDS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
-def collect(diarizer: Diarizer, sets: list[Path]) -> dict[str, dict[str, tuple]]:
-    """set -> file -> (reference, what `finish_turns` takes from the chunks)."""
-    kept: dict[str, tuple] = {}
-
-    def finish(state: RecordingState) -> list:
-        named = frozenset(speaker.label for speaker in state.known if speaker.enrolled)
-        kept[state.name] = (list(state.turns), list(state.scores), state.track, state.counts, named,
-                            state.geometry.time_resolution)
-        return []
-
-    diarizer._finish = finish
+def collect(diarizer: Diarizer, sets: list[Path]) -> dict[str, dict[str, tuple[list, ChunkOutputs]]]:
+    """set -> file -> (reference, what the chunks left for post-processing)."""
     found: dict[str, dict[str, tuple]] = {}
     for folder in tqdm(sets, desc="diarize", unit="set"):
         recordings = [(f"{folder.name}/{wav.stem}", str(wav)) for wav in sorted(folder.glob("*.wav"))]
-        for name, _ in diarizer.diarize_many(recordings, DiarizationSettings()):
+        for name, outputs in diarizer.chunk_outputs_many(recordings):
+            if isinstance(outputs, NanodrzError):
+                raise SystemExit(f"label_rules: {outputs}")
             [reference] = read_rttm(folder / f"{name.split('/')[1]}.rttm").values()
-            found.setdefault(folder.name, {})[name] = (reference, *kept[name])
+            found.setdefault(folder.name, {})[name] = (reference, outputs)
     return found
 
 
@@ -78,9 +72,8 @@ def replay(found: dict[str, dict[str, tuple]], **constants: float) -> dict[str, 
     der = {}
     with mock.patch.multiple(diarize, **constants):
         for set_name, files in sorted(found.items()):
-            references = {name: item[0] for name, item in files.items()}
-            hypotheses = {name: finish_turns(*item[1:5], DiarizationSettings(), *item[5:])[0]
-                          for name, item in files.items()}
+            references = {name: reference for name, (reference, _) in files.items()}
+            hypotheses = {name: outputs.finish(DiarizationSettings()) for name, (_, outputs) in files.items()}
             der[set_name] = 100 * score(references, hypotheses, collars=(0.0,)).total.at(0.0).der
     return der
 

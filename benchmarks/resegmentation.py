@@ -1,14 +1,14 @@
 """Resegmentation by the overlap head (`nanodrz.resegment`) over a grid of thresholds, on a sweep's sets.
 
-Each recording is diarized once with resegmentation off (the decoder's turns after re-labelling, and the
-overlap head's count track, are kept); every grid point then resegments those turns, stitches them as
-`nanodrz diarize` does, and is scored (DER, collar 0, overlap scored) per set. The thresholds shipped in
+Each recording is decoded once (`Diarizer.chunk_outputs_many`); every grid point then replays the whole
+post-processing of `nanodrz diarize` with its thresholds (the overlap threshold also decides the heard-overlap
+evidence of the dominant-label split) and is scored (DER, collar 0, overlap scored) per set. The thresholds shipped in
 `nanodrz.resegment` were chosen with this on validation speakers:
 
     nanodrz sweep --out benchmarks/results/validation_refined --preset \
         clean,overlap,noisy,crowd,phone,benchmarks/presets/meeting10.yaml --split validation --per-point 12
     .venv/bin/python benchmarks/resegmentation.py benchmarks/results/validation_refined/sets/sets \
-        --model runs/small_overlap_head/last.safetensors --markdown benchmarks/results/resegmentation.md
+        --model runs/small_overlap_head3/last.safetensors --markdown benchmarks/results/resegmentation.md
 """
 
 from __future__ import annotations
@@ -24,45 +24,38 @@ import torch
 from tqdm import tqdm
 
 from nanodrz.annotation import Turn, read_rttm
-from nanodrz.diarize import DiarizationSettings, Diarizer, RecordingState, stitch
+from nanodrz.diarize import ChunkOutputs, DiarizationSettings, Diarizer
+from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import score
 from nanodrz.fileio import atomic_open
-from nanodrz.resegment import resegment
 
-SPEECH = (None, 0.5, 0.6, 0.7, 0.8)
-OVERLAP = (None, 0.7, 0.8, 0.9, 0.95)
+SPEECH = (None, 0.4, 0.5, 0.6, 0.7)
+OVERLAP = (None, 0.6, 0.7, 0.75, 0.8, 0.9)
 
 
-def collect(diarizer: Diarizer, sets: list[Path]) -> dict[str, dict[str, tuple[list[Turn], list[Turn], np.ndarray, float]]]:
-    """set -> file -> (reference, turns without resegmentation, count track, frame rate)."""
-    kept: dict[str, tuple[np.ndarray, float]] = {}
-
-    def finish(state: RecordingState) -> list[Turn]:
-        if state.counts is None:
-            raise SystemExit("resegmentation: the model has no overlap head (model.overlap_head)")
-        kept[state.name] = (state.counts.array(), state.counts.frame_rate)
-        return Diarizer._finish(diarizer, state)
-
-    diarizer._finish = finish
-    settings = DiarizationSettings(speech_threshold=None, overlap_threshold=None)
+def collect(diarizer: Diarizer, sets: list[Path]) -> dict[str, dict[str, tuple[list[Turn], ChunkOutputs]]]:
+    """set -> file -> (reference, what the chunks left for post-processing)."""
     found: dict[str, dict] = defaultdict(dict)
     for folder in tqdm(sets, desc="diarize", unit="set"):
         recordings = [(f"{folder.name}/{wav.stem}", str(wav)) for wav in sorted(folder.glob("*.wav"))]
-        for name, turns in diarizer.diarize_many(recordings, settings):
-            [reference] = read_rttm(Path(folder / name.split("/")[1]).with_suffix(".rttm")).values()
-            found[folder.name][name] = (reference, turns, *kept[name])
+        for name, outputs in diarizer.chunk_outputs_many(recordings):
+            if isinstance(outputs, NanodrzError):
+                raise SystemExit(f"resegmentation: {outputs}")
+            if outputs.counts is None:
+                raise SystemExit("resegmentation: the model has no overlap head (model.overlap_head)")
+            [reference] = read_rttm(folder / f"{name.split('/')[1]}.rttm").values()
+            found[folder.name][name] = (reference, outputs)
     return found
 
 
-def grid(found: dict, speech: tuple, overlap: tuple, bin_seconds: float) -> list[dict]:
+def grid(found: dict, speech: tuple, overlap: tuple) -> list[dict]:
     rows = []
     for speech_threshold, overlap_threshold in tqdm(list(itertools.product(speech, overlap)), desc="grid"):
         row = {"speech": speech_threshold, "overlap": overlap_threshold, "der": {}}
+        settings = DiarizationSettings(speech_threshold=speech_threshold, overlap_threshold=overlap_threshold)
         for set_name, files in sorted(found.items()):
-            references, hypotheses = {}, {}
-            for name, (reference, turns, counts, rate) in files.items():
-                out, scores = resegment(turns, [1.0] * len(turns), counts, rate, speech_threshold, overlap_threshold)
-                references[name], hypotheses[name] = reference, stitch(out, scores, 2 * bin_seconds)[0]
+            references = {name: reference for name, (reference, _) in files.items()}
+            hypotheses = {name: outputs.finish(settings) for name, (_, outputs) in files.items()}
             total = score(references, hypotheses, collars=(0.0,)).total.at(0.0)
             row["der"][set_name] = (100 * total.der, 100 * total.missed / total.scored,
                                     100 * total.false_alarm / total.scored, 100 * total.confusion / total.scored)
@@ -99,7 +92,7 @@ def main() -> int:
         print(f"resegmentation: no set folders with WAV files under {args.sets}", file=sys.stderr)
         return 1
     diarizer = Diarizer.from_pretrained(args.model)
-    rows = grid(collect(diarizer, sets), SPEECH, OVERLAP, diarizer.geometry.time_resolution)
+    rows = grid(collect(diarizer, sets), SPEECH, OVERLAP)
     table = to_markdown(rows, args.model, sets)
     print(table)
     if args.markdown:

@@ -19,6 +19,7 @@ from nanodrz.annotation import Turn, from_annotation, read_rttm
 from nanodrz.cli import main
 from nanodrz.decoding import DecodingResult
 from nanodrz.diarize import DiarizationSettings, Diarizer, exclusive, iter_chunks, letter_label, stitch
+from nanodrz.errors import NanodrzError
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 
 SR = 16000
@@ -239,6 +240,17 @@ def test_turns_shorter_than_two_time_bins_are_dropped_with_their_labels():
     # A 20 ms blip of a second voice (one 20 ms time bin) is not a speaker.
     turns = from_annotation(tone_diarizer()(tone_audio([(0.5, 2.5, 0), (3.0, 3.02, 1), (4.0, 5.8, 2)], 6.0)))
     assert [(t.speaker, round(t.start, 2)) for t in turns] == [("A", 0.5), ("B", 4.0)]
+
+
+def test_chunk_outputs_replay_the_post_processing_under_any_settings():
+    reference = [(0.5, 2.5, 0), (3.0, 5.0, 1), (6.5, 8.0, 0), (8.5, 10.0, 1), (13.0, 15.0, 2)]
+    recordings = [("tones", tone_audio(reference, 16.0)), ("silent", np.zeros(SR, dtype=np.float32))]
+    diarizer = tone_diarizer()
+    replayed = dict(diarizer.chunk_outputs_many(recordings))
+    assert isinstance(replayed["silent"], NanodrzError)
+    for settings in (DiarizationSettings(), DiarizationSettings(exclusive=True, merge_threshold=-1.0, refine_passes=0)):
+        [(_, direct), _] = list(diarizer.diarize_many(recordings, settings))
+        assert replayed["tones"].finish(settings) == direct
 
 
 def test_enrollment_names_speakers_and_unknown_voices_keep_letters():

@@ -184,6 +184,25 @@ def check_chunk(chunk: np.ndarray, name: str) -> None:
         raise NanodrzError(f"{name}: audio contains NaN or infinite samples")
 
 
+@dataclass
+class ChunkOutputs:
+    """What a recording's chunks leave behind for `finish_turns`, kept so that post-processing can be
+    replayed under other settings without decoding again (`Diarizer.chunk_outputs_many`)."""
+
+    turns: list[Turn]
+    scores: list[float]
+    voices: VoiceTrack | None
+    counts: CountTrack | None
+    named: frozenset[str]
+    time_resolution: float
+
+    def finish(self, settings: DiarizationSettings) -> list[Turn]:
+        """The recording's final turns under `settings`, as `nanodrz diarize` gives them."""
+        turns, scores = finish_turns(self.turns, self.scores, self.voices, self.counts, settings, self.named,
+                                     self.time_resolution)
+        return exclusive(turns, scores) if settings.exclusive else turns
+
+
 class RecordingState:
     """Long-form progress through one recording: known speakers, turns so far, the chunk stream."""
 
@@ -328,11 +347,11 @@ class RecordingState:
                     speaker.clip = chunk[begin: begin + int(quality * SAMPLE_RATE)].copy()
                     speaker.clip_quality = quality
 
-    def result(self) -> tuple[list[Turn], list[float]]:
+    def chunk_outputs(self) -> ChunkOutputs:
         if self.loudest < SILENCE_DBFS:
             raise NanodrzError(f"{self.name}: the audio is silent (peak below {SILENCE_DBFS:g} dBFS)")
         named = frozenset(speaker.label for speaker in self.known if speaker.enrolled)
-        return finish_turns(self.turns, self.scores, self.track, self.counts, self.settings, named,
+        return ChunkOutputs(list(self.turns), list(self.scores), self.track, self.counts, named,
                             self.geometry.time_resolution)
 
 
@@ -497,6 +516,19 @@ class Diarizer:
         Yields (name, turns) per recording in input order, or (name, NanodrzError) for a recording that
         could not be processed; one bad file never stops the others.
         """
+        yield from self._process(recordings, settings, enroll, batch_size, progress, self._finish)
+
+    def chunk_outputs_many(self, recordings: Sequence[tuple[str, str | Path | np.ndarray]],
+                           settings: DiarizationSettings | None = None, batch_size: int = 8, progress: bool = False
+                           ) -> Iterator[tuple[str, ChunkOutputs | NanodrzError]]:
+        """`diarize_many` stopped before post-processing: (name, ChunkOutputs) per recording, whose
+        `finish(settings)` gives the turns under any post-processing settings (the decoding settings,
+        speaker caps included, are `settings`'s). For benchmarks that tune post-processing."""
+        yield from self._process(recordings, settings, None, batch_size, progress, RecordingState.chunk_outputs)
+
+    def _process(self, recordings: Sequence[tuple[str, str | Path | np.ndarray]], settings: DiarizationSettings | None,
+                 enroll: dict[str, str | Path | np.ndarray] | None, batch_size: int, progress: bool,
+                 finish: Callable[[RecordingState], object]) -> Iterator[tuple[str, object]]:
         settings = settings or DiarizationSettings()
         if batch_size < 1:
             raise NanodrzError("--batch-size must be at least 1")
@@ -517,13 +549,14 @@ class Diarizer:
                     states.append(RecordingState(name, source, self.geometry, settings, enrolled))
                 except NanodrzError as error:
                     outcomes[name] = error
-            self._run(states, outcomes)
+            self._run(states, outcomes, finish)
             for name, _ in group:
                 bar.update(1)
                 yield name, outcomes[name]
         bar.close()
 
-    def _run(self, states: list[RecordingState], outcomes: dict[str, list[Turn] | NanodrzError]) -> None:
+    def _run(self, states: list[RecordingState], outcomes: dict[str, object],
+             finish: Callable[[RecordingState], object]) -> None:
         active = list(states)
         while active:
             inputs, ready = [], []
@@ -537,7 +570,7 @@ class Diarizer:
                     continue
                 if item is None:
                     try:
-                        outcomes[state.name] = self._finish(state)
+                        outcomes[state.name] = finish(state)
                     except NanodrzError as error:
                         outcomes[state.name] = error
                     continue
@@ -560,11 +593,11 @@ class Diarizer:
                         ready[i].add_voices(self.voice_function, self.model.config.frame_rate)
 
     def _finish(self, state: RecordingState) -> list[Turn]:
-        turns, scores = state.result()
+        turns = state.chunk_outputs().finish(state.settings)
         if state.settings.min_speakers and len({t.speaker for t in turns}) < state.settings.min_speakers:
             print(f"nanodrz diarize: warning: {state.name}: found {len({t.speaker for t in turns})} speakers, "
                   f"fewer than the {state.settings.min_speakers} asked for", file=sys.stderr)
-        return exclusive(turns, scores) if state.settings.exclusive else turns
+        return turns
 
     def _enrollment_clip(self, name: str, clip: str | Path | np.ndarray) -> np.ndarray:
         audio = clip if isinstance(clip, np.ndarray) else load_audio(clip)

@@ -27,8 +27,8 @@ from nanodrz.annotation import Turn
 from nanodrz.relabel import speech_seconds
 
 # Chosen on validation speakers: benchmarks/results/resegmentation.md.
-SPEECH_THRESHOLD = 0.6
-OVERLAP_THRESHOLD = 0.9
+SPEECH_THRESHOLD = 0.5
+OVERLAP_THRESHOLD = 0.8
 MIN_GAP_SECONDS = 0.1
 MIN_SPEECH_SECONDS = 0.1
 MIN_OVERLAP_SECONDS = 0.12
