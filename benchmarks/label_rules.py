@@ -30,22 +30,18 @@ The shipped values were chosen with this on validation speakers:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+import replay
 from nanodrz import diarize
-from nanodrz.annotation import read_rttm
-from nanodrz.diarize import ChunkOutputs, DiarizationSettings, Diarizer
-from nanodrz.errors import NanodrzError
+from nanodrz.diarize import DiarizationSettings
 from nanodrz.evaluate import score
-from nanodrz.fileio import atomic_open
 
 OFF = float("-inf")
 TWO_VOICE_COSINE = (OFF, 0.8, 0.83, 0.85, 0.86, 0.88, 0.9)
@@ -54,20 +50,7 @@ SAME_VOICE_COSINE = (float("inf"), 0.95)
 MIN_LABEL_SECONDS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
-def collect(diarizer: Diarizer, sets: list[Path]) -> dict[str, dict[str, tuple[list, ChunkOutputs]]]:
-    """set -> file -> (reference, what the chunks left for post-processing)."""
-    found: dict[str, dict[str, tuple]] = {}
-    for folder in tqdm(sets, desc="diarize", unit="set"):
-        recordings = [(f"{folder.name}/{wav.stem}", str(wav)) for wav in sorted(folder.glob("*.wav"))]
-        for name, outputs in diarizer.chunk_outputs_many(recordings):
-            if isinstance(outputs, NanodrzError):
-                raise SystemExit(f"label_rules: {outputs}")
-            [reference] = read_rttm(folder / f"{name.split('/')[1]}.rttm").values()
-            found.setdefault(folder.name, {})[name] = (reference, outputs)
-    return found
-
-
-def replay(found: dict[str, dict[str, tuple]], **constants: float) -> dict[str, float]:
+def der_per_set(found: replay.Found, **constants: float) -> dict[str, float]:
     """DER % per set with `nanodrz.diarize`'s rule constants set to `constants`."""
     der = {}
     with mock.patch.multiple(diarize, **constants):
@@ -78,16 +61,16 @@ def replay(found: dict[str, dict[str, tuple]], **constants: float) -> dict[str, 
     return der
 
 
-def grids(found: dict[str, dict[str, tuple]]) -> tuple[list[dict], list[dict]]:
+def grids(found: replay.Found) -> tuple[list[dict], list[dict]]:
     """(rows of the split grid, rows of the absorption grid); each row: its constants, DER % per set, mean."""
     points = [p for p in itertools.product(TWO_VOICE_COSINE, TWO_VOICE_SECONDS, SAME_VOICE_COSINE)
                if p[0] != OFF or p[1] == TWO_VOICE_SECONDS[0]]
     split_rows, absorb_rows = [], []
     for cosine, seconds, same in tqdm(points, desc="split grid"):
-        der = replay(found, TWO_VOICE_COSINE=cosine, TWO_VOICE_SECONDS=seconds, SAME_VOICE_COSINE=same)
+        der = der_per_set(found, TWO_VOICE_COSINE=cosine, TWO_VOICE_SECONDS=seconds, SAME_VOICE_COSINE=same)
         split_rows.append({"constants": (cosine, seconds, same), "der": der, "mean": float(np.mean(list(der.values())))})
     for seconds in tqdm(MIN_LABEL_SECONDS, desc="absorption grid"):
-        der = replay(found, MIN_LABEL_SECONDS=seconds)
+        der = der_per_set(found, MIN_LABEL_SECONDS=seconds)
         absorb_rows.append({"constants": (seconds,), "der": der, "mean": float(np.mean(list(der.values())))})
     return split_rows, absorb_rows
 
@@ -115,24 +98,8 @@ def to_markdown(split_rows: list[dict], absorb_rows: list[dict], model: str, set
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sets", type=Path, help="a folder of set folders (WAV + RTTM)")
-    parser.add_argument("--model", help="checkpoint (default: the shipped model)")
-    parser.add_argument("--markdown", type=Path, help="write the table here")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    sets = sorted(path for path in args.sets.iterdir() if path.is_dir() and any(path.glob("*.wav")))
-    if not sets:
-        print(f"label_rules: no set folders with WAV files under {args.sets}", file=sys.stderr)
-        return 1
-    diarizer = Diarizer.from_pretrained(args.model)
-    report = to_markdown(*grids(collect(diarizer, sets)), args.model or "shipped", sets)
-    print(report)
-    if args.markdown:
-        with atomic_open(args.markdown) as handle:
-            handle.write(report)
-    return 0
+    return replay.main(__doc__, lambda found, model, sets: to_markdown(*grids(found), model, sets),
+                       "checkpoint (default: the shipped model)")
 
 
 if __name__ == "__main__":

@@ -13,39 +13,19 @@ evidence of the dominant-label split) and is scored (DER, collar 0, overlap scor
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from nanodrz.annotation import Turn, read_rttm
-from nanodrz.diarize import ChunkOutputs, DiarizationSettings, Diarizer
-from nanodrz.errors import NanodrzError
+import replay
+from nanodrz.diarize import DiarizationSettings
 from nanodrz.evaluate import score
-from nanodrz.fileio import atomic_open
 
 SPEECH = (None, 0.4, 0.5, 0.6, 0.7)
 OVERLAP = (None, 0.6, 0.7, 0.75, 0.8, 0.9)
-
-
-def collect(diarizer: Diarizer, sets: list[Path]) -> dict[str, dict[str, tuple[list[Turn], ChunkOutputs]]]:
-    """set -> file -> (reference, what the chunks left for post-processing)."""
-    found: dict[str, dict] = defaultdict(dict)
-    for folder in tqdm(sets, desc="diarize", unit="set"):
-        recordings = [(f"{folder.name}/{wav.stem}", str(wav)) for wav in sorted(folder.glob("*.wav"))]
-        for name, outputs in diarizer.chunk_outputs_many(recordings):
-            if isinstance(outputs, NanodrzError):
-                raise SystemExit(f"resegmentation: {outputs}")
-            if outputs.counts is None:
-                raise SystemExit("resegmentation: the model has no overlap head (model.overlap_head)")
-            [reference] = read_rttm(folder / f"{name.split('/')[1]}.rttm").values()
-            found[folder.name][name] = (reference, outputs)
-    return found
 
 
 def grid(found: dict, speech: tuple, overlap: tuple) -> list[dict]:
@@ -79,26 +59,14 @@ def to_markdown(rows: list[dict], model: str, sets: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(found: replay.Found, model: str, sets: list[Path]) -> str:
+    if any(outputs.counts is None for files in found.values() for _, outputs in files.values()):
+        raise SystemExit("resegmentation: the model has no overlap head (model.overlap_head)")
+    return to_markdown(grid(found, SPEECH, OVERLAP), model, sets)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sets", type=Path, help="a folder of set folders (WAV + RTTM), as `nanodrz sweep` writes")
-    parser.add_argument("--model", required=True, help="checkpoint with an overlap head")
-    parser.add_argument("--markdown", type=Path, help="write the table here")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    sets = sorted(path for path in args.sets.iterdir() if path.is_dir() and any(path.glob("*.wav")))
-    if not sets:
-        print(f"resegmentation: no set folders with WAV files under {args.sets}", file=sys.stderr)
-        return 1
-    diarizer = Diarizer.from_pretrained(args.model)
-    rows = grid(collect(diarizer, sets), SPEECH, OVERLAP)
-    table = to_markdown(rows, args.model, sets)
-    print(table)
-    if args.markdown:
-        with atomic_open(args.markdown) as handle:
-            handle.write(table)
-    return 0
+    return replay.main(__doc__, report, "checkpoint with an overlap head (default: the shipped model)")
 
 
 if __name__ == "__main__":
