@@ -424,7 +424,7 @@ def absorb_small_labels(turns: Sequence[Turn], track: np.ndarray, frame_rate: fl
         alive = {owner[other] for other in speech}
         if speech[label] >= min_seconds or label in named or label not in voices or len(alive) <= max(min_speakers, 1):
             continue
-        others = [other for other in alive if other != label and other in voices]
+        others = [other for other in sorted(alive) if other != label and other in voices]
         if others:
             target = max(others, key=lambda other: float(voices[label] @ voices[other]))
             for key, current in owner.items():
