@@ -46,9 +46,9 @@ from nanodrz.fileio import atomic_open
 from nanodrz.model import DiarizationModel
 from nanodrz.resegment import (OVERLAP_EVIDENCE_SECONDS, OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack,
                                overlapped_seconds, resegment)
-from nanodrz.relabel import (DOMINANT_SHARE, MERGE_THRESHOLD, MIN_LABEL_SECONDS, absorb_small_labels, REFINE_PASSES, SAME_VOICE_COSINE, TWO_VOICE_COSINE,
-                             TWO_VOICE_SECONDS, WINDOW_SECONDS, VoiceTrack, dominant_label_voices, merge_by_voice,
-                             refine_labels, split_dominant_label)
+from nanodrz.relabel import (DOMINANT_SHARE, MERGE_THRESHOLD, MIN_LABEL_SECONDS, REFINE_PASSES, SAME_VOICE_COSINE,
+                             TWO_VOICE_COSINE, TWO_VOICE_SECONDS, WINDOW_SECONDS, VoiceTrack, absorb_small_labels,
+                             dominant_label_voices, merge_by_voice, refine_labels, split_dominant_label)
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 MIN_SECONDS = 0.5
