@@ -18,7 +18,7 @@ SYSTEM_PACKAGES=(
   asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav
   asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav
   asterisk-prompt-es-co asterisk-prompt-fr-armelle asterisk-prompt-it-menardi-wav
-  asterisk-moh-opsound-wav codec2-examples pocketsphinx-testdata
+  asterisk-moh-opsound-wav sound-theme-freedesktop codec2-examples pocketsphinx-testdata
   fortunes fortunes-min
 )
 

@@ -8,6 +8,7 @@ and filters are designed once.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import io
 from dataclasses import dataclass, field
@@ -66,17 +67,26 @@ def coloured_noise(colour: str, seconds: float = NOISE_BUFFER_SECONDS) -> np.nda
     return shaped.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=8)
 def music_clips(directories: tuple[str, ...], max_seconds: float = NOISE_BUFFER_SECONDS) -> tuple[np.ndarray, ...]:
-    """Unit-RMS music at 16 kHz from audio files found in `directories` (e.g. Asterisk's music on hold).
+    """Unit-RMS music at 16 kHz from audio files found in `directories` (e.g. Asterisk's music on hold)."""
+    return sound_clips(directories, max_seconds=max_seconds)
 
-    At most `max_seconds` of each file is kept (from 10 s in, past any intro), which bounds the
-    memory every DataLoader worker spends on music.
+
+@functools.lru_cache(maxsize=8)
+def sound_clips(directories: tuple[str, ...], exclude: tuple[str, ...] = (), min_seconds: float = 1.0,
+                max_seconds: float = NOISE_BUFFER_SECONDS) -> tuple[np.ndarray, ...]:
+    """Unit-RMS clips at 16 kHz from the audio files in `directories` whose names match no `exclude` pattern.
+
+    Files shorter than `min_seconds` are skipped. At most `max_seconds` of each file is kept (from
+    10 s in, past any intro, when the file is long enough), which bounds the memory every DataLoader
+    worker spends on recorded sounds.
     """
     clips = []
     for directory in directories:
         for path in sorted(Path(directory).glob("*")):
-            if path.suffix.lower() not in (".wav", ".flac", ".ogg"):
+            if path.suffix.lower() not in (".wav", ".flac", ".ogg", ".oga"):
+                continue
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in exclude):
                 continue
             try:
                 info = sf.info(str(path))
@@ -89,7 +99,7 @@ def music_clips(directories: tuple[str, ...], max_seconds: float = NOISE_BUFFER_
             if rate != SAMPLE_RATE:
                 audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
             rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
-            if audio.size >= SAMPLE_RATE and rms > 1e-4:
+            if audio.size >= min_seconds * SAMPLE_RATE and rms > 1e-4:
                 clips.append(np.ascontiguousarray(audio / rms, dtype=np.float32))
     return tuple(clips)
 

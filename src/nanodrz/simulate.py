@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanodrz import acoustics
+from nanodrz import acoustics, nonspeech
 from nanodrz.annotation import Turn, sort_turns, write_rttm
 from nanodrz.audio import SAMPLE_RATE, normalize_level, write_audio
 from nanodrz.bank import SPLITS, Bank, apply_perturbation
@@ -165,6 +165,42 @@ class TelephoneConfig:
         _check_weights("telephone.codecs", self.codecs, acoustics.CODECS)
 
 
+@dataclass(frozen=True)
+class NonSpeechConfig:
+    """Sounds that are not speech (see `nanodrz.nonspeech`): in the audio, never in the reference.
+
+    Levels are the sound's active level (RMS while it sounds) in dB relative to the conversation's
+    speech level (`level_dbfs`), which is drawn even for recordings without speech.
+    """
+
+    probability: float = 0.0  # chance a conversation with speech gets non-speech sounds
+    sounds: int | tuple[int, int] = (1, 3)  # how many, fixed or [min, max]
+    types: dict[str, float] = field(default_factory=lambda: {kind: 1.0 for kind in nonspeech.KINDS})  # weights
+    level_db: tuple[float, float] = (-20.0, 0.0)  # relative to the speech level
+    babble_level_db: tuple[float, float] = (-30.0, -15.0)  # babble of bank voices stays low
+    gap_probability: float = 0.6  # chance a sound fills part of a silent stretch between turns (else under everything)
+    min_gap_seconds: float = 0.3  # shortest silent stretch a sound goes into
+    burst_seconds: tuple[float, float] = (0.3, 4.0)  # length of a sound between turns (cut to the stretch)
+    no_speech_probability: float = 0.0  # chance a recording has no speech at all: non-speech only, empty reference
+    babble_voices: int = 6
+    music_dirs: list[str] = field(default_factory=lambda: ["/usr/share/asterisk/moh"])
+    effect_dirs: list[str] = field(default_factory=lambda: ["/usr/share/sounds/freedesktop/stereo"])
+    effect_exclude: list[str] = field(default_factory=lambda: ["audio-channel-*", "audio-test-signal.*"])  # spoken
+
+    def __post_init__(self) -> None:
+        _check_probability("nonspeech.probability", self.probability)
+        _check_probability("nonspeech.gap_probability", self.gap_probability)
+        _check_probability("nonspeech.no_speech_probability", self.no_speech_probability)
+        _check_range("nonspeech.sounds", as_range(self.sounds), low=1, high=20)
+        _check_weights("nonspeech.types", self.types, nonspeech.KINDS)
+        _check_range("nonspeech.level_db", self.level_db, low=-60.0, high=20.0)
+        _check_range("nonspeech.babble_level_db", self.babble_level_db, low=-60.0, high=20.0)
+        _check_positive("nonspeech.min_gap_seconds", self.min_gap_seconds)
+        _check_range("nonspeech.burst_seconds", self.burst_seconds, low=0.05)
+        if self.babble_voices < 1:
+            raise NanodrzError(f"nonspeech.babble_voices = {self.babble_voices}: must be at least 1")
+
+
 @dataclass
 class SimulationConfig:
     """Every knob of the conversation simulator; presets in src/nanodrz/presets/*.yaml set subsets."""
@@ -178,6 +214,7 @@ class SimulationConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     reverb: ReverbConfig = field(default_factory=ReverbConfig)
     telephone: TelephoneConfig = field(default_factory=TelephoneConfig)
+    nonspeech: NonSpeechConfig = field(default_factory=NonSpeechConfig)
 
     def __post_init__(self) -> None:
         speakers = as_range(self.num_speakers)
@@ -265,12 +302,15 @@ def simulate_conversation(bank: Bank, config: SimulationConfig, rng: np.random.G
     so changing e.g. the noise knobs leaves who-speaks-when untouched.
     """
     check_bank(bank, config)
-    layout_rng, level_rng, room_rng, noise_rng, line_rng = rng.spawn(5)
+    layout_rng, level_rng, room_rng, noise_rng, line_rng, nonspeech_rng = rng.spawn(6)
     low, high = as_range(config.num_speakers)
     num_speakers = int(layout_rng.integers(low, high + 1))
     duration_seconds = float(layout_rng.uniform(*as_range(config.duration)))
-    speakers = _choose_speakers(bank, num_speakers, layout_rng)
-    pieces = _Planner(bank, speakers, duration_seconds, config.turns, layout_rng).plan()
+    speech_free = nonspeech_rng.random() < config.nonspeech.no_speech_probability
+    if speech_free:
+        num_speakers = 0
+    speakers = _choose_speakers(bank, num_speakers, layout_rng) if num_speakers else []
+    pieces = _Planner(bank, speakers, duration_seconds, config.turns, layout_rng).plan() if speakers else []
     length = int(round(duration_seconds * SAMPLE_RATE))
     labels = [bank.speakers[s].speaker for s in speakers]
 
@@ -298,6 +338,12 @@ def simulate_conversation(bank: Bank, config: SimulationConfig, rng: np.random.G
     speech_power = _power(mix, speech_samples)
 
     noise_meta = _add_noise(bank, config.noise, mix, speech_power, speech_samples, noise_rng)
+    nonspeech_meta = []
+    if speech_free or nonspeech_rng.random() < config.nonspeech.probability:
+        low, high = as_range(config.nonspeech.sounds)
+        nonspeech_meta = nonspeech.add_sounds(
+            mix, config.nonspeech, speech, level, nonspeech_rng,
+            functools.partial(_babble, bank, config.nonspeech.babble_voices), int(nonspeech_rng.integers(low, high + 1)))
     codec = None
     if line_rng.random() < config.telephone.probability:
         codec = _weighted_choice(config.telephone.codecs, line_rng)
@@ -327,6 +373,7 @@ def simulate_conversation(bank: Bank, config: SimulationConfig, rng: np.random.G
         "speaker_gain_db": {labels[i]: round(float(offsets[i]), 2) for i in range(num_speakers)},
         "reverb": reverb_meta,
         "noise": noise_meta,
+        "nonspeech": nonspeech_meta,
         "telephone": codec,
         "peak_gain_db": round(20 * math.log10(peak_gain), 2),
     }
