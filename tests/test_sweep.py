@@ -8,6 +8,7 @@ detector that writes one speaker wherever the audio is loud (so DER is neither 0
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from nanodrz.decoding import DecodingResult
 from nanodrz.diarize import Diarizer
 from nanodrz.evaluate import label_consistency, score
 from nanodrz.simulate import load_preset
-from nanodrz.sweep import AXES, BASE_OVERRIDES, BASE_PRESET, CONSISTENCY_WINDOW, file_count
+from nanodrz.bank import Bank
+from nanodrz.simulate import conversation_rng, simulate_conversation
+from nanodrz.sweep import AXES, BASE_OVERRIDES, BASE_PRESET, CONSISTENCY_WINDOW, NOISE_SETS, file_count, plan_groups
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "pyannote-sample"
 FRAME_SECONDS = 0.04
@@ -274,3 +277,49 @@ def test_missing_bank_and_model_are_one_line_errors(tiny_bank, tiny_checkpoint, 
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "no checkpoint" in error[0]
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_noise_group_plans_no_speech_sets_one_speaker_and_silence(tiny_bank):
+    arguments = argparse.Namespace(axes=None, preset=None, extra=[], noise=True, quick=True)
+    ((description, plans),) = plan_groups(arguments, 2)
+    assert description["kind"] == "noise"
+    assert [plan.name for plan in plans] == ["noise", "music", "tones", "one-speaker", "silence"]
+    expected = {"noise": {"noise"}, "music": {"music"}, "tones": {"tone", "square"}, "silence": {"room"}}
+    bank = Bank(tiny_bank, "test")
+    for plan, point in zip(plans, NOISE_SETS):
+        assert plan.count == 2 and plan.point_overrides == point.overrides
+        conversation = simulate_conversation(bank, plan.config, conversation_rng(0, 0))
+        if plan.name == "one-speaker":
+            assert plan.config.nonspeech.no_speech_probability == 0
+            assert len({turn.speaker for turn in conversation.turns}) == 1
+            continue
+        assert conversation.turns == [] and {k for k, w in plan.config.nonspeech.types.items() if w} == expected[plan.name]
+        (sound,) = conversation.meta["nonspeech"]
+        assert sound["placement"] == "under everything" and sound["type"] in expected[plan.name]
+        level = sound["level_dbfs"]
+        assert -60 <= level <= -45 if plan.name == "silence" else -40 <= level <= -20
+    everything = plan_groups(argparse.Namespace(axes=None, preset=None, extra=[], noise=False, quick=True), 2)
+    assert [group["name"] for group, _ in everything] == [*AXES, "noise"]
+    only_axes = plan_groups(argparse.Namespace(axes="loudness", preset=None, extra=[], noise=False, quick=True), 2)
+    assert [group["name"] for group, _ in only_axes] == ["loudness"]
+
+
+def test_noise_group_reports_false_alarm_per_minute(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder):
+    out = tmp_path / "sweep"
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--noise", "--per-point", "1") == 0
+    results = json.loads((out / "results.json").read_text())
+    (group,) = results["groups"]
+    report = (out / "report.md").read_text()
+    assert "## Non-speech and one speaker" in report and "| FA s/min | DER % | #spk exact % | mean #spk |" in report
+    for row in group["rows"]:
+        ours = row["systems"]["nanodrz"]
+        written = sum(turn.end - turn.start for turns in read_rttm(out / ours["hypotheses"]).values() for turn in turns)
+        if row["name"] != "one-speaker":
+            assert row["speech_seconds"] == 0 and row["mean_speakers"] == 0
+            assert ours["false_alarm_per_minute"] == pytest.approx(written / (row["audio_seconds"] / 60), abs=0.01)
+            assert ours["speaker_count_exact"] == (written == 0)
+        else:
+            assert row["mean_speakers"] == 1 and ours["speaker_count_exact"] == 1.0
+        assert f"| {row['name']} | 1 |" in report and f"{ours['false_alarm_per_minute']:.1f}" in report
+    rows = {row["name"]: row["systems"]["nanodrz"]["false_alarm_per_minute"] for row in group["rows"]}
+    assert rows["noise"] > 10 and rows["silence"] == 0  # the energy detector hears loud noise, not near silence

