@@ -19,7 +19,6 @@ from nanodrz.annotation import Turn, from_annotation, read_rttm
 from nanodrz.cli import main
 from nanodrz.decoding import DecodingResult
 from nanodrz.diarize import DiarizationSettings, Diarizer, exclusive, iter_chunks, letter_label, stitch
-from nanodrz.errors import NanodrzError
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 
 SR = 16000
@@ -247,10 +246,10 @@ def test_chunk_outputs_replay_the_post_processing_under_any_settings():
     recordings = [("tones", tone_audio(reference, 16.0)), ("silent", np.zeros(SR, dtype=np.float32))]
     diarizer = tone_diarizer()
     replayed = dict(diarizer.chunk_outputs_many(recordings))
-    assert isinstance(replayed["silent"], NanodrzError)
     for settings in (DiarizationSettings(), DiarizationSettings(exclusive=True, merge_threshold=-1.0, refine_passes=0)):
-        [(_, direct), _] = list(diarizer.diarize_many(recordings, settings))
+        [(_, direct), (_, silent)] = list(diarizer.diarize_many(recordings, settings))
         assert replayed["tones"].finish(settings) == direct
+        assert replayed["silent"].finish(settings) == silent == []
 
 
 def test_enrollment_names_speakers_and_unknown_voices_keep_letters():
@@ -324,9 +323,10 @@ def test_cli_processes_good_files_and_reports_each_bad_one(tmp_path, tiny_checkp
                  "--model", str(tiny_checkpoint), "--out", str(out), "--format", "rttm,json", "--plot"])
     assert code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(errors) == 6, errors
-    for needle in ("short.wav", "silent", "NaN", "broken.wav", "empty", "no audio files"):
+    assert len(errors) == 5, errors
+    for needle in ("short.wav", "NaN", "broken.wav", "empty", "no audio files"):
         assert any(needle in line for line in errors), needle
+    assert read_rttm(out / "silent.rttm") == {}, "digital silence: nobody speaks"
     for name in ("good", "good48k"):
         assert (out / f"{name}.rttm").exists() and (out / f"{name}.png").exists()
         data = json.loads((out / f"{name}.json").read_text())

@@ -119,7 +119,7 @@ def test_tiny_training_run_learns_and_writes_its_outputs(tiny_bank, tmp_path):
     losses = list(train_losses(run_dir).values())
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
-    for name in ("last.safetensors", "last.state.pt", "best.safetensors", "loss_curve.png", "config.yaml"):
+    for name in ("last.safetensors", "last.state.safetensors", "best.safetensors", "loss_curve.png", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert any((run_dir / "tensorboard").iterdir())
     assert 0.0 <= result["val_der"] and "val_der_clean" in result and "val_prompted_ier" in result

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -14,6 +15,8 @@ from pyannote.core import Annotation, Segment
 
 from nanodrz.errors import NanodrzError
 from nanodrz.fileio import atomic_open
+
+RTTM_TYPE = re.compile(r"[A-Z][A-Z_/-]*")  # SPEAKER, SPKR-INFO, NON-SPEECH, A/P, ...
 
 
 @dataclass(frozen=True, order=True)
@@ -78,15 +81,19 @@ def read_rttm(path: str | Path) -> dict[str, list[Turn]]:
     path = Path(path)
     if not path.is_file():
         raise NanodrzError(f"RTTM file not found: {path}")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise NanodrzError(f"{path}: not an RTTM file (binary content)")
     result: dict[str, list[Turn]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith((";", "#")):
             continue
-        if fields[0] != "SPEAKER":
+        if not RTTM_TYPE.fullmatch(fields[0]) or len(fields) < 8:
+            raise NanodrzError(f"{path}:{number}: not an RTTM line (expected 'SPEAKER file 1 start duration "
+                               "<NA> <NA> speaker <NA> <NA>')")
+        if fields[0] != "SPEAKER":  # SPKR-INFO, LEXEME, NON-SPEECH, ...: not turns
             continue
-        if len(fields) < 8:
-            raise NanodrzError(f"{path}:{number}: RTTM line has {len(fields)} fields, expected 10")
         try:
             start, duration = float(fields[3]), float(fields[4])
         except ValueError:

@@ -1,7 +1,8 @@
 """The `nanodrz` command: a thin layer that dispatches to one module per stage.
 
-Each command module provides `add_arguments(parser)` and `run(args) -> int`. A `NanodrzError`
-becomes one line on stderr and exit status 2; nothing a user can cause ends in a traceback.
+Each command module provides `add_arguments(parser)` and `run(args) -> int`. A `NanodrzError`,
+or an `OSError` from the system (a full disk, a permission), becomes one line on stderr and exit
+status 2; nothing a user can cause ends in a traceback.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except NanodrzError as error:
+        print(f"nanodrz {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a lost mount, a permission: the system's own one-line reason
         print(f"nanodrz {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

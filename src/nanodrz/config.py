@@ -7,6 +7,7 @@ keys that would have been accepted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -69,6 +70,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         raise NanodrzError(f"{where}: expected true or false, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML reads .nan and .inf as numbers; no setting means them
+                raise NanodrzError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise NanodrzError(f"{where}: expected a number, got {value!r}")
     if annotation is int:

@@ -19,6 +19,8 @@ the KV cache and the grammar state are reordered whenever beams are re-ranked.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -56,6 +58,9 @@ class DecodingOptions:
     eos_penalty: float = 8.0
 
     def __post_init__(self):
+        for name in ("snap_seconds", "eos_penalty", "temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise NanodrzError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.snap_seconds < 0:
             raise NanodrzError("snap_seconds must not be negative")
         if self.strategy not in ("greedy", "beam", "sample"):

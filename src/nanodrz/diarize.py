@@ -42,7 +42,7 @@ from nanodrz.checkpoint import build_model, load_checkpoint
 from nanodrz.decoding import DecodingOptions, decode
 from nanodrz.errors import NanodrzError
 from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
-from nanodrz.fileio import atomic_open
+from nanodrz.fileio import atomic_open, check_writable_folder
 from nanodrz.model import DiarizationModel
 from nanodrz.resegment import (OVERLAP_EVIDENCE_SECONDS, OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack,
                                overlapped_seconds, resegment)
@@ -164,13 +164,25 @@ def iter_chunks(source: str | Path | np.ndarray, chunk_seconds: float) -> Iterat
             yield pending
 
 
+def reading_error(name: str | Path, error: Exception) -> NanodrzError:
+    """Any failure of the audio library (or the disk) on one file, as that file's one-line error."""
+    if isinstance(error, NanodrzError):
+        return error
+    reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+    return NanodrzError(f"{name}: cannot read audio ({reason})")
+
+
 def check_audio_file(path: Path) -> float:
-    """Duration of a readable audio file; one-line errors for unreadable, empty or too short files."""
+    """Duration of a readable audio file; one-line errors for unreadable, empty or too short files.
+
+    Only regular files are opened: a named pipe or a device would block the whole call or never end.
+    """
+    if not path.is_file():
+        raise NanodrzError(f"{path}: not a regular file (pipes, devices and folders are not audio files)")
     try:
         info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise NanodrzError(f"{path}: cannot read audio ({reason})") from None
+    except Exception as error:  # libsndfile and the OS fail in many ways on hostile files
+        raise reading_error(path, error) from None
     if info.frames <= 0:
         raise NanodrzError(f"{path}: empty audio file")
     duration = info.frames / info.samplerate
@@ -207,10 +219,15 @@ class RecordingState:
     """Long-form progress through one recording: known speakers, turns so far, the chunk stream."""
 
     def __init__(self, name: str, source: str | Path | np.ndarray, geometry: PromptGeometry,
-                 settings: DiarizationSettings, enrolled: dict[str, np.ndarray]):
+                 settings: DiarizationSettings, enrolled: dict[str, np.ndarray], seconds: float,
+                 progress: bool = False):
         self.name = name
+        self.where = name if isinstance(source, np.ndarray) else str(source)  # what error messages name
         self.geometry = geometry
         self.settings = settings
+        # One bar per recording, on terminals only: an hour of audio takes minutes.
+        self.bar = tqdm(total=round(seconds, 1), unit="s", desc=name, leave=False, file=sys.stderr,
+                        disable=None if progress else True)
         self.chunks = iter_chunks(source, geometry.chunk_seconds)
         self.upcoming = next(self.chunks, None)
         self.offset = 0.0
@@ -235,9 +252,10 @@ class RecordingState:
         """The next model input (prompt + chunk) and its prompt turns, or None at the end."""
         chunk, self.upcoming = self.upcoming, (next(self.chunks, None) if self.upcoming is not None else None)
         if chunk is None:
-            self.done = True
+            self.close()
             return None
-        check_chunk(chunk, self.name)
+        self.bar.update(round(len(chunk) / SAMPLE_RATE, 1))
+        check_chunk(chunk, self.where)
         if len(chunk):
             self.loudest = max(self.loudest, 10 * np.log10(float(np.max(chunk ** 2)) + 1e-12))
         self.current = chunk
@@ -246,6 +264,12 @@ class RecordingState:
         audio, prompt = assemble_prompted_input(clips, chunk, PROMPT_GAP_SECONDS)
         self.prompt_seconds = (len(audio) - len(chunk)) / SAMPLE_RATE
         return audio, prompt
+
+    def close(self) -> None:
+        """Stop reading: the file is closed and the bar removed."""
+        self.done = True
+        self.chunks.close()
+        self.bar.close()
 
     def _choose_prompt(self, chunk_seconds: float) -> tuple[list[KnownSpeaker], float]:
         geometry = self.geometry
@@ -348,9 +372,9 @@ class RecordingState:
                     speaker.clip_quality = quality
 
     def chunk_outputs(self) -> ChunkOutputs:
-        if self.loudest < SILENCE_DBFS:
-            raise NanodrzError(f"{self.name}: the audio is silent (peak below {SILENCE_DBFS:g} dBFS)")
         named = frozenset(speaker.label for speaker in self.known if speaker.enrolled)
+        if self.loudest < SILENCE_DBFS:  # digital silence: nobody speaks, whatever the decoder wrote
+            return ChunkOutputs([], [], None, None, named, self.geometry.time_resolution)
         return ChunkOutputs(list(self.turns), list(self.scores), self.track, self.counts, named,
                             self.geometry.time_resolution)
 
@@ -532,7 +556,7 @@ class Diarizer:
         settings = settings or DiarizationSettings()
         if batch_size < 1:
             raise NanodrzError("--batch-size must be at least 1")
-        enrolled = {name: self._enrollment_clip(name, clip) for name, clip in (enroll or {}).items()}
+        enrolled = {name: enrollment_clip(name, clip) for name, clip in (enroll or {}).items()}
         if len(enrolled) > self.geometry.max_prompt_speakers:
             raise NanodrzError(f"at most {self.geometry.max_prompt_speakers} enrolled speakers fit in this model's prompt")
         bar = tqdm(total=len(recordings), unit="file", disable=not progress, file=sys.stderr)
@@ -543,12 +567,14 @@ class Diarizer:
             for name, source in group:
                 try:
                     if not isinstance(source, np.ndarray):
-                        check_audio_file(Path(source))
+                        seconds = check_audio_file(Path(source))
                     elif len(source) < MIN_SECONDS * SAMPLE_RATE:
                         raise NanodrzError(f"{name}: shorter than {MIN_SECONDS} s")
-                    states.append(RecordingState(name, source, self.geometry, settings, enrolled))
-                except NanodrzError as error:
-                    outcomes[name] = error
+                    else:
+                        seconds = len(source) / SAMPLE_RATE
+                    states.append(RecordingState(name, source, self.geometry, settings, enrolled, seconds, progress))
+                except Exception as error:  # the first block is read here: a corrupt file fails alone
+                    outcomes[name] = reading_error(source if isinstance(source, (str, Path)) else name, error)
             self._run(states, outcomes, finish)
             for name, _ in group:
                 bar.update(1)
@@ -563,10 +589,9 @@ class Diarizer:
             for state in active:
                 try:
                     item = state.next_input()
-                except (NanodrzError, sf.LibsndfileError, RuntimeError) as error:
-                    outcomes[state.name] = error if isinstance(error, NanodrzError) else \
-                        NanodrzError(f"{state.name}: cannot read audio ({str(error).splitlines()[0]})")
-                    state.done = True
+                except Exception as error:  # a file corrupt further in fails alone, with what it has
+                    outcomes[state.name] = reading_error(state.where, error)
+                    state.close()
                     continue
                 if item is None:
                     try:
@@ -599,12 +624,6 @@ class Diarizer:
                   f"fewer than the {state.settings.min_speakers} asked for", file=sys.stderr)
         return turns
 
-    def _enrollment_clip(self, name: str, clip: str | Path | np.ndarray) -> np.ndarray:
-        audio = clip if isinstance(clip, np.ndarray) else load_audio(clip)
-        if len(audio) < MIN_SECONDS * SAMPLE_RATE:
-            raise NanodrzError(f"enrollment clip for {name!r} is shorter than {MIN_SECONDS} s")
-        return np.asarray(audio, dtype=np.float32)
-
 
 def model_voice_function(model: DiarizationModel) -> VoiceFunction | None:
     """The model front end's window speaker embeddings as a function of audio, if it computes them
@@ -622,24 +641,43 @@ def model_voice_function(model: DiarizationModel) -> VoiceFunction | None:
 
 
 # --- command line ---------------------------------------------------------------------------------
-def find_audio(paths: Iterable[str]) -> tuple[list[Path], list[NanodrzError]]:
-    """Expand directories (recursively) into audio files; a path that yields nothing is an error."""
-    files, errors = [], []
+def find_audio(paths: Iterable[str]) -> tuple[list[tuple[str, Path]], list[NanodrzError]]:
+    """Audio files with their output names; a path that yields nothing is an error.
+
+    A file given by name is named by its stem; a directory is searched recursively and each file is
+    named by its path inside it, without the extension (`dir/a/x.wav` -> `a/x`), so outputs keep
+    the input's layout under `--out`. Special files (pipes, devices) are reported, never opened.
+    """
+    found, errors = [], []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-            if not found:
+            inside = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir())
+            if not inside:
                 errors.append(NanodrzError(f"{path}: directory holds no audio files"))
-            files += found
+            found += [(p.relative_to(path).with_suffix("").as_posix(), p) for p in inside]
+        elif path.is_file():
+            found.append((path.stem, path))
         elif path.exists():
-            files.append(path)
+            errors.append(NanodrzError(f"{path}: not a regular file (pipes, devices and folders are not audio files)"))
         else:
             errors.append(NanodrzError(f"{path}: no such file or directory"))
-    return files, errors
+    return found, errors
 
 
-def parse_enrollment(values: Sequence[str]) -> dict[str, str]:
+def check_distinct_outputs(found: Sequence[tuple[str, Path]]) -> None:
+    """Refuse, before any work, two inputs that would write the same output files."""
+    first: dict[str, Path] = {}
+    for name, path in found:
+        key = name.replace(" ", "_")
+        if key in first:
+            raise NanodrzError(f"{first[key]} and {path} would both be written as {key}.*: rename one, or diarize "
+                               "them in separate calls with different --out folders")
+        first[key] = path
+
+
+def parse_enrollment(values: Sequence[str]) -> dict[str, np.ndarray]:
+    """NAME=clip pairs, each clip read and checked (long enough, not silent) before the model loads."""
     enroll = {}
     for value in values:
         name, sep, clip = value.partition("=")
@@ -649,12 +687,27 @@ def parse_enrollment(values: Sequence[str]) -> dict[str, str]:
             raise NanodrzError(f"--enroll names {name!r} twice")
         if not Path(clip).is_file():
             raise NanodrzError(f"--enroll {name}: no such file {clip}")
-        enroll[name] = clip
+        enroll[name] = enrollment_clip(name, clip)
     return enroll
 
 
+def enrollment_clip(name: str, clip: str | Path | np.ndarray) -> np.ndarray:
+    """A clip that can name a speaker: at least MIN_SECONDS long and not silent."""
+    audio = np.asarray(clip if isinstance(clip, np.ndarray) else load_audio(clip), dtype=np.float32)
+    if len(audio) < MIN_SECONDS * SAMPLE_RATE:
+        raise NanodrzError(f"enrollment clip for {name!r} is shorter than {MIN_SECONDS} s")
+    if not np.all(np.isfinite(audio)):
+        raise NanodrzError(f"enrollment clip for {name!r} has NaN or infinite samples")
+    if 20 * np.log10(float(np.max(np.abs(audio))) + 1e-12) < SILENCE_DBFS:
+        raise NanodrzError(f"enrollment clip for {name!r} is silent (peak below {SILENCE_DBFS:g} dBFS): "
+                           "no voice to recognise")
+    return audio
+
+
 def write_outputs(name: str, turns: list[Turn], out_dir: Path | None, formats: set[str], plot: bool) -> None:
-    uri = name.replace(" ", "_")
+    """NAME.rttm / .json / .png under `out_dir` (in NAME's sub-folders), or RTTM / JSON on stdout."""
+    relative = Path(name.replace(" ", "_"))
+    uri = relative.name
     if out_dir is None:
         if "rttm" in formats:
             sys.stdout.write(format_rttm(turns, uri))
@@ -662,16 +715,16 @@ def write_outputs(name: str, turns: list[Turn], out_dir: Path | None, formats: s
             sys.stdout.write(json.dumps(turns_to_json(uri, turns)) + "\n")
     else:
         if "rttm" in formats:
-            with atomic_open(out_dir / f"{uri}.rttm") as handle:
+            with atomic_open(out_dir / relative.with_name(f"{uri}.rttm")) as handle:
                 handle.write(format_rttm(turns, uri))
         if "json" in formats:
-            with atomic_open(out_dir / f"{uri}.json") as handle:
+            with atomic_open(out_dir / relative.with_name(f"{uri}.json")) as handle:
                 json.dump(turns_to_json(uri, turns), handle, indent=2)
                 handle.write("\n")
     if plot:
         from nanodrz.plots import plot_timeline
 
-        plot_timeline({"hypothesis": turns}, (out_dir or Path(".")) / f"{uri}.png", title=uri)
+        plot_timeline({"hypothesis": turns}, (out_dir or Path(".")) / relative.with_name(f"{uri}.png"), title=uri)
 
 
 def turns_to_json(uri: str, turns: list[Turn]) -> dict:
@@ -765,34 +818,23 @@ def run(args: argparse.Namespace) -> int:
                                    merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
                                    speech_threshold=args.speech_threshold, overlap_threshold=args.overlap_threshold,
                                    decoding=decoding)
-    enroll = parse_enrollment(args.enroll)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise NanodrzError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
-    files, errors = find_audio(args.inputs)
-    diarizer = Diarizer.from_pretrained(args.model, args.device)
+    if args.threads < 1 or args.batch_size < 1:
+        raise NanodrzError("--threads and --batch-size must be at least 1")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-    names = unique_names(files)
-    recordings = list(zip(names, files))
-    for name, outcome in diarizer.diarize_many(recordings, settings, enroll, args.batch_size,
-                                               progress=len(recordings) > 1):
-        if isinstance(outcome, NanodrzError):
-            errors.append(outcome)
-            continue
-        write_outputs(name, outcome, args.out, formats, args.plot)
+        check_writable_folder(args.out, "--out")
+    found, errors = find_audio(args.inputs)
+    check_distinct_outputs(found)
+    enroll = parse_enrollment(args.enroll)
+    torch.set_num_threads(args.threads)
+    diarizer = Diarizer.from_pretrained(args.model, args.device)
+    for name, outcome in diarizer.diarize_many(found, settings, enroll, args.batch_size, progress=len(found) > 1):
+        if not isinstance(outcome, NanodrzError):
+            try:
+                write_outputs(name, outcome, args.out, formats, args.plot)
+                continue
+            except OSError as error:  # a full disk loses this file's output, not the others'
+                outcome = NanodrzError(f"{name}: cannot write the output ({error.strerror or error})")
+        errors.append(outcome)
     for error in errors:
         print(f"nanodrz diarize: error: {error}", file=sys.stderr)
     return 1 if errors else 0
-
-
-def unique_names(files: Sequence[Path]) -> list[str]:
-    """File stems, made unique (a/x.wav and b/x.wav become x and x-2) so outputs never overwrite."""
-    seen: dict[str, int] = {}
-    names = []
-    for path in files:
-        stem = path.stem.replace(" ", "_")
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return names

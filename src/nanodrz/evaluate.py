@@ -24,7 +24,7 @@ from pyannote.metrics.diarization import DiarizationErrorRate, JaccardErrorRate
 
 from nanodrz.annotation import Turn, read_rttm, to_annotation
 from nanodrz.errors import NanodrzError
-from nanodrz.fileio import write_json
+from nanodrz.fileio import check_writable, write_json
 
 DEFAULT_COLLARS = (0.0, 0.25)
 TOTAL = "TOTAL"
@@ -321,14 +321,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_writable(args.json, "--json")
     references = load_turns(args.ref, "reference")
     hypotheses = load_turns(args.hyp, "hypothesis")
+    if not set(references) & set(hypotheses):
+        raise NanodrzError(f"no hypothesis file id matches a reference file id (references: "
+                           f"{', '.join(sorted(references)[:5])}; hypotheses: {', '.join(sorted(hypotheses)[:5])}): "
+                           "are --ref and --hyp about the same recordings?")
     uem = read_uem(args.uem) if args.uem else None
     report = score(references, hypotheses, collars=args.collar, uem=uem)
     if report.unmatched_hypotheses:
         print(
-            f"nanodrz evaluate: warning: ignored {len(report.unmatched_hypotheses)} hypothesis file(s) without reference: "
-            + ", ".join(report.unmatched_hypotheses),
+            f"nanodrz evaluate: WARNING: {len(report.unmatched_hypotheses)} hypothesis file(s) have no reference "
+            "and are NOT scored: " + ", ".join(report.unmatched_hypotheses),
             file=sys.stderr,
         )
     if report.missing_hypotheses:

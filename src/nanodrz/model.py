@@ -84,6 +84,13 @@ class ModelConfig:
                              f"not {self.front_end!r}")
         if self.voice_similarity and not self.span_voices:
             raise ValueError("voice_similarity needs span_voices")
+        for name in ("n_mels", "d_model", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.frame_rate > 0 or not self.mlp_ratio > 0 or not self.rope_base > 1:
+            raise ValueError("frame_rate and mlp_ratio must be positive and rope_base above 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout:g}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model must divide into n_heads heads of even size")
         if not 0.0 <= self.rope_fraction <= 1.0:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from nanodrz.annotation import Turn
+from nanodrz.config import from_dict
 from nanodrz.errors import NanodrzError
 
 TOKENIZER_VERSION = 1
@@ -180,7 +181,7 @@ class Tokenizer:
                 f"checkpoint tokenizer version {spec.get('version')!r} is not {TOKENIZER_VERSION}; "
                 "this checkpoint was made by another nanodrz version")
         fields = {k: spec[k] for k in ("time_resolution", "max_seconds", "num_speakers", "noise_token") if k in spec}
-        tokenizer = cls(TokenizerConfig(**fields))
+        tokenizer = cls(from_dict(TokenizerConfig, fields, "checkpoint tokenizer"))
         if tokenizer.spec() != spec:
             raise NanodrzError("checkpoint tokenizer spec does not match this nanodrz version's vocabulary")
         return tokenizer

@@ -3,8 +3,10 @@
 One loop for CPU, one GPU and many (torchrun starts one process per device; rank and world size
 come from the environment, gloo on CPU, NCCL on CUDA). Conversations are simulated on the fly by
 DataLoader workers, following a curriculum over simulator presets. Every `checkpoint_interval`
-steps and at the end, `last.safetensors` + `last.state.pt` are written atomically; `--resume`
-continues from them exactly (same batches, same optimizer and random states, hence the same losses).
+steps and at the end, `last.safetensors` + `last.state.safetensors` are written atomically (no pickles:
+a shared run folder cannot run code); `--resume` continues from them exactly (same batches, same
+optimizer and random states, hence the same losses). A NaN or infinite loss or gradient stops the run
+with the checkpoints as they were; non-finite weights are never written.
 Validation on fixed conversations of held-out speakers reports loss and DER (collar 0, overlap
 scored, greedy decoding) and keeps the best weights as `best.safetensors`.
 
@@ -20,6 +22,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,6 +68,10 @@ class ValidationConfig:
     batch_size: int = 8
     max_triples: int = 64
 
+    def __post_init__(self):
+        if self.conversations < 1 or self.batch_size < 1 or self.max_triples < 1:
+            raise ValueError("conversations, batch_size and max_triples must be at least 1")
+
 
 @dataclass
 class DataConfig:
@@ -76,6 +83,10 @@ class DataConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     examples: ExampleConfig = field(default_factory=ExampleConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (simulate in the training process) or more, got {self.workers}")
 
 
 @dataclass
@@ -94,6 +105,15 @@ class OptimConfig:
     grad_clip: float = 1.0
     new_lr_scale: float = 1.0
     freeze_loaded: bool = False
+
+    def __post_init__(self):
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr {self.lr:g}, min_lr {self.min_lr:g}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or not self.grad_clip > 0 or not self.new_lr_scale > 0:
+            raise ValueError("warmup_steps and weight_decay must not be negative; grad_clip and new_lr_scale must "
+                             "be positive")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -129,6 +149,17 @@ class RunConfig:
     activity_weight: float = 0.5
     speaker_count_weight: float = 1.0
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_interval", "eval_interval", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ValueError(f"stop_at_step must be at least 1 (or unset), got {self.stop_at_step}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive (or unset), got {self.max_minutes:g}")
+        if self.activity_weight < 0 or self.speaker_count_weight < 0:
+            raise ValueError("activity_weight and speaker_count_weight must not be negative")
+
 
 @dataclass
 class Config:
@@ -141,10 +172,6 @@ class Config:
     def __post_init__(self):
         if self.data.examples.chunk_seconds[1] > self.tokenizer.max_seconds:
             raise ValueError("data.examples.chunk_seconds may not exceed tokenizer.max_seconds")
-        if self.train.steps < 1 or self.train.batch_size < 1:
-            raise ValueError("train.steps and train.batch_size must be positive")
-        if self.train.activity_weight < 0 or self.train.speaker_count_weight < 0:
-            raise ValueError("train.activity_weight and train.speaker_count_weight must not be negative")
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -358,17 +385,37 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
 
 
 # --- logging --------------------------------------------------------------------------------------
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line a crash tore (or any line that is not a record with a
+    step) is skipped with a warning instead of blocking every later `--resume`."""
+    if not path.is_file():
+        return []
+    records, skipped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            skipped += 1
+    if skipped:
+        print(f"nanodrz train: warning: {path}: skipped {skipped} unreadable line(s)", file=sys.stderr)
+    return records
+
+
 class RunLog:
     """metrics.jsonl (the record), TensorBoard, optional W&B, and the loss-curve PNG; main process only."""
 
     def __init__(self, run_dir: Path, start_step: int, config: Config):
         self.path = run_dir / "metrics.jsonl"
-        kept = []
-        if self.path.is_file():  # a resumed run drops what was logged after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
+        # A resumed run drops what was logged after its checkpoint.
+        kept = [record for record in read_metrics(self.path) if record["step"] <= start_step]
         with atomic_open(self.path) as handle:
-            handle.write("".join(line + "\n" for line in kept))
+            handle.write("".join(json.dumps(record) + "\n" for record in kept))
         from torch.utils.tensorboard import SummaryWriter
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
         self.wandb = None
@@ -395,7 +442,7 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = read_metrics(self.path)
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         val = [r for r in records if "val_loss" in r]
         figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -544,6 +591,12 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                     loss = token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            # Gradients are all-reduced, so every rank sees the same norm and stops at the same step.
+            if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):
+                raise NanodrzError(f"step {step + 1}: the loss or the gradients are not finite (loss "
+                                   f"{float(loss):g}, gradient norm {float(grad_norm):g}); training stopped and "
+                                   f"the checkpoints in {run_dir} were kept as they were. Lower optim.lr or check "
+                                   "the data and the checkpoint you started from")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
