@@ -323,3 +323,19 @@ def test_noise_group_reports_false_alarm_per_minute(tiny_bank, tiny_checkpoint, 
         assert f"| {row['name']} | 1 |" in report and f"{ours['false_alarm_per_minute']:.1f}" in report
     rows = {row["name"]: row["systems"]["nanodrz"]["false_alarm_per_minute"] for row in group["rows"]}
     assert rows["noise"] > 10 and rows["silence"] == 0  # the energy detector hears loud noise, not near silence
+
+
+def test_both_baselines_side_by_side(tiny_bank, tiny_checkpoint, tmp_path, energy_decoder, monkeypatch, capsys):
+    monkeypatch.setattr(baseline_module, "SenkoBaseline", EnergyBaseline)
+    monkeypatch.setattr(baseline_module, "PyannoteBaseline", EnergyBaseline)
+    out = tmp_path / "sweep"
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "1",
+                 "--baseline", "senko,pyannote") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["systems"] == ["nanodrz", "senko", "pyannote"]
+    report = (out / "report.md").read_text()
+    assert "| senko RTF | pyannote DER % | pyannote DER % c0.25 |" in report
+    for row in results["groups"][0]["rows"]:
+        assert row["systems"]["pyannote"]["hypotheses"] == f"hypotheses/pyannote/loudness/{row['name']}.rttm"
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--baseline", "senko,nemo") == 2
+    assert "unknown baseline 'nemo'" in capsys.readouterr().err

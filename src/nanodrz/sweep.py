@@ -11,7 +11,7 @@ reference RTTMs, manifest.json) and reused when their configuration, seed, size 
 changed. `--preset` adds whole presets as rows of one table, `--extra` real annotated recordings.
 The noise group (`--noise`; part of the default run) holds recordings of noise, music or tones with no
 speech (scored as false-alarm seconds per minute), of one speaker (speaker count), and of near silence.
-Each set is diarized by our `Diarizer` (and senko with `--baseline senko`), hypotheses go to
+Each set is diarized by our `Diarizer` (and the baselines of `--baseline senko,pyannote`), hypotheses go to
 DIR/hypotheses/<system>/<axis>/<point>.rttm, and `evaluate.score` scores them (collars 0 and
 0.25 s, overlap scored). DIR/report.md holds one table and one plot per axis; DIR/results.json the numbers.
 """
@@ -71,7 +71,7 @@ SECONDS_PER_FILE = 25.0
 MIN_LONG_FORM_FILES = 2
 OURS = "nanodrz"
 CONSISTENCY_WINDOW = 30.0  # seconds; see `evaluate.label_consistency`
-BASELINES = ("senko",)
+BASELINES = ("senko", "pyannote")  # `baseline.SenkoBaseline`, `baseline.PyannoteBaseline`
 
 
 @dataclass(frozen=True)
@@ -396,7 +396,7 @@ def nanodrz_runner(diarizer: Diarizer, batch_size: int, settings: DiarizationSet
     return diarize_set
 
 
-def senko_runner(baseline):
+def baseline_runner(baseline):
     def diarize_set(test_set: TestSet, bar: tqdm) -> tuple[dict[str, list[Turn]], list[str]]:
         hypotheses, failed = {}, []
         for uri, path in test_set.recordings:
@@ -614,7 +614,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-point", type=int, help=f"files per point (default: {DEFAULT_PER_POINT}, "
                                                       f"--quick: {QUICK_PER_POINT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated sets (default: 0)")
-    parser.add_argument("--baseline", choices=BASELINES, help="also run this system on the same files")
+    parser.add_argument("--baseline", metavar="NAMES", help=f"also run these systems on the same files, comma-separated: "
+                                                          f"{', '.join(BASELINES)} (pyannote: our re-implementation of "
+                                                          "pyannote 3.1 on segmentation-3.0 and CAM++)")
     parser.add_argument("--reuse-baseline", action="store_true",
                         help="take the baseline's hypotheses and timings from the earlier sweep in --out for "
                              "simulated sets whose files are unchanged (the baseline does not depend on our model)")
@@ -742,19 +744,25 @@ def run(args: argparse.Namespace) -> int:
             for plan in plans:
                 check_bank(bank, plan.config)
     earlier_runs = {}
+    baselines = parse_list(args.baseline)
+    unknown = [name for name in baselines if name not in BASELINES]
+    if unknown:
+        raise NanodrzError(f"unknown baseline {unknown[0]!r} (choose from {', '.join(BASELINES)})")
     if args.reuse_baseline:
-        if not args.baseline:
+        if not baselines:
             raise NanodrzError("--reuse-baseline needs --baseline")
-        earlier_runs[args.baseline] = earlier_baseline_runs(out, args.baseline)
+        earlier_runs = {name: earlier_baseline_runs(out, name) for name in baselines}
     model_path = args.model if args.model is not None else SHIPPED_MODEL
     settings = DiarizationSettings(merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
                                    speech_threshold=args.speech_threshold, overlap_threshold=args.overlap_threshold,
                                    decoding=DecodingOptions(eos_penalty=args.eos_penalty))
     systems = {OURS: nanodrz_runner(Diarizer.from_pretrained(args.model, args.device), args.batch_size, settings)}
-    if args.baseline == "senko":
-        from nanodrz.baseline import SenkoBaseline
+    if baselines:
+        from nanodrz import baseline
 
-        systems["senko"] = senko_runner(SenkoBaseline(device=args.device))
+        classes = {"senko": baseline.SenkoBaseline, "pyannote": baseline.PyannoteBaseline}
+        for name in baselines:
+            systems[name] = baseline_runner(classes[name](device=args.device))
     sets = []
     for description, plans in groups:
         test_sets = [materialize(plan, out / "sets" / plan.group / plan.name, bank, args.seed) for plan in plans]
