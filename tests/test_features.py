@@ -1,4 +1,4 @@
-"""The pretrained speaker front ends (`campplus`, `campplus_windows`) and growing a trained model by them
+"""The pretrained front ends (`campplus`, `campplus_windows`, `campplus_segmentation`) and growing a trained model by them
 (`train.init_from`)."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from nanodrz.checkpoint import load_checkpoint, load_model, save_checkpoint
 from nanodrz.errors import NanodrzError
-from nanodrz.features import SpeakerFrontEnd, WindowedSpeakerFrontEnd
+from nanodrz.features import SegmentedSpeakerFrontEnd, SpeakerFrontEnd, WindowedSpeakerFrontEnd
 from nanodrz.identities import campplus_weights
 from nanodrz.model import DiarizationModel, ModelConfig
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
@@ -31,7 +31,7 @@ def voiced(seconds: float, f0: float, seed: int) -> torch.Tensor:
     return 0.05 * tone + 0.005 * torch.randn(len(t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("front_end_class", [SpeakerFrontEnd, WindowedSpeakerFrontEnd])
+@pytest.mark.parametrize("front_end_class", [SpeakerFrontEnd, WindowedSpeakerFrontEnd, SegmentedSpeakerFrontEnd])
 def test_speaker_features_are_padding_invariant_and_kept_out_of_the_state(front_end_class):
     front_end = front_end_class(32, 25.0, 40)
     for parameter in front_end.parameters():
@@ -44,8 +44,10 @@ def test_speaker_features_are_padding_invariant_and_kept_out_of_the_state(front_
     assert frames.tolist() == front_end.num_frames(lengths).tolist() == [76, 56]
     torch.testing.assert_close(batched[1, :56], alone[0], atol=1e-5, rtol=1e-4)
     assert batched[1, 56:].abs().max() == 0
-    assert not any(name.startswith("encoder") for name in front_end.state_dict())
-    new_names = {"voice_projection.weight", "voice_projection.bias"} if front_end_class is WindowedSpeakerFrontEnd else set()
+    assert not any(name.startswith(("encoder", "segmenter")) for name in front_end.state_dict())
+    new_names = {f"{part}.{p}" for p in ("weight", "bias") for part in {
+        SpeakerFrontEnd: (), WindowedSpeakerFrontEnd: ("voice_projection",),
+        SegmentedSpeakerFrontEnd: ("voice_projection", "segmentation_projection")}[front_end_class]}
     assert {name for name, _ in front_end.named_parameters()} == {
         *(f"convs.{i}.{p}" for i in range(3) for p in ("weight", "bias")), "projection.weight", "projection.bias",
         *new_names}
@@ -75,7 +77,8 @@ def test_speaker_features_tell_two_voices_apart():
     assert cosine(a, a2, dim=0) > cosine(a, b, dim=0)
 
 
-@pytest.mark.parametrize("source, grown_front_end", [("mel", "campplus"), ("campplus", "campplus_windows")])
+@pytest.mark.parametrize("source, grown_front_end", [("mel", "campplus"), ("campplus", "campplus_windows"),
+                                                     ("campplus_windows", "campplus_segmentation")])
 def test_growing_a_model_by_a_speaker_front_end_starts_from_the_same_function(tmp_path, source, grown_front_end):
     model = make_model(source, seed=0)
     if source != "mel":

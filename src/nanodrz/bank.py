@@ -62,13 +62,14 @@ def assign_split(base_speaker: str, held_out: bool, validation_fraction: float =
                  test_fraction: float = 0.1) -> str:
     """Deterministic speaker split from a hash of the base voice's id.
 
-    Held-out voices only go to validation or test. Pseudo-speakers pass their base voice's id, so a
-    perturbed copy of a test voice can never leak into training.
+    Held-out voices only go to test: they are never trained on and never used for a choice, and
+    validation is where choices are made. Pseudo-speakers pass their base voice's id, so a perturbed
+    copy of a test voice can never leak into training.
     """
+    if held_out:
+        return "test"
     digest = hashlib.sha256(base_speaker.encode("utf-8")).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
-    if held_out:
-        return "validation" if u < 0.5 else "test"
     if u < validation_fraction:
         return "validation"
     if u < validation_fraction + test_fraction:

@@ -4,7 +4,8 @@ Features are computed in torch, inside the model, on the model's device: trainin
 mix audio, and inference needs no separate feature step. Front ends are looked up by name
 (`FRONT_ENDS`): `mel` learns everything from log-mel; `campplus` adds a frozen, pretrained speaker
 encoder's frame features; `campplus_windows` also adds that encoder's speaker embedding of the 1.5 s
-around every position.
+around every position; `campplus_segmentation` also adds pyannote segmentation-3.0's per-frame
+speech and speaker-count posteriors.
 
 Every front end is exactly invariant to batch padding: an item gives the same vectors alone as it
 does next to a longer one. The log-mel is computed per item at its true length, and after every conv
@@ -246,17 +247,64 @@ class WindowedSpeakerFrontEnd(SpeakerFrontEnd):
         a model that also pools them over the spans it writes (`ModelConfig.span_voices`)."""
         voices = self.encode_batch(audio, lengths)
         embeddings = torch.nn.utils.rnn.pad_sequence([self.window_embeddings(v) for v in voices], batch_first=True)
-        term = self.speaker_term(voices) + self.voice_projection(embeddings)
+        term = self.frame_term(audio, lengths, voices, embeddings)
         x, frames, keep = self.add_to_stem(audio, lengths, voices, term)
         return x, frames, fit_length(embeddings, x.shape[1]) * keep.unsqueeze(-1)
+
+    def frame_term(self, audio: torch.Tensor, lengths: torch.Tensor, voices: list[torch.Tensor],
+                   embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, positions, d_model): what the frozen encoders add to the mel stem."""
+        return self.speaker_term(voices) + self.voice_projection(embeddings)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, frames, _ = self.forward_with_embeddings(audio, lengths)
         return x, frames
 
 
+class SegmentedSpeakerFrontEnd(WindowedSpeakerFrontEnd):
+    """`campplus_windows` plus, at every position, pyannote segmentation-3.0's powerset posteriors
+    (no speech; one of three local speakers; two at once), projected and added.
+
+    The speaker encoder and everything else the model reads were fitted to speech only, and our training
+    voices are synthetic: nothing in the input says "this sound is not a voice". segmentation-3.0 was
+    trained on real annotated conversations, noise and music included (`nanodrz.segmentation`); it runs
+    frozen over each input, windows averaged, resampled to this front end's frames. The projection
+    starts at zero, so a `campplus_windows` checkpoint grown into this front end starts out computing
+    the same function.
+    """
+
+    def __init__(self, d_model: int, frame_rate: float = 25.0, n_mels: int = 80):
+        super().__init__(d_model, frame_rate, n_mels)
+        from nanodrz.segmentation import POWERSET
+
+        self.segmentation_projection = nn.Linear(len(POWERSET), d_model)
+        nn.init.zeros_(self.segmentation_projection.weight)
+        nn.init.zeros_(self.segmentation_projection.bias)
+
+    @torch.no_grad()
+    def segment(self, audio: torch.Tensor, frames: int) -> torch.Tensor:
+        """(samples,) audio -> (frames, 7) powerset posteriors on this front end's frames."""
+        from nanodrz.segmentation import SegmentationFrontEnd
+
+        segmenter = self.__dict__.get("segmenter")
+        if segmenter is None or segmenter.device != audio.device:
+            segmenter = self.__dict__["segmenter"] = SegmentationFrontEnd(device=str(audio.device))
+        track = segmenter(audio.float().cpu().numpy()).resampled(self.frame_rate, frames)
+        return torch.from_numpy(track.powerset).to(audio.device)
+
+    def frame_term(self, audio: torch.Tensor, lengths: torch.Tensor, voices: list[torch.Tensor],
+                   embeddings: torch.Tensor) -> torch.Tensor:
+        term = super().frame_term(audio, lengths, voices, embeddings)
+        frames = self.num_frames(lengths).tolist()
+        posteriors = torch.nn.utils.rnn.pad_sequence(
+            [self.segment(audio[i, :int(n)], f) for i, (n, f) in enumerate(zip(lengths.tolist(), frames))],
+            batch_first=True)
+        return fit_length(term, posteriors.shape[1]) + self.segmentation_projection(posteriors)
+
+
 def fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
     """(B, T, C) cut or zero-padded along T to `length`."""
     return F.pad(x[:, :length], (0, 0, 0, max(length - x.shape[1], 0)))
 
-FRONT_ENDS = {"mel": MelFrontEnd, "campplus": SpeakerFrontEnd, "campplus_windows": WindowedSpeakerFrontEnd}
+FRONT_ENDS = {"mel": MelFrontEnd, "campplus": SpeakerFrontEnd, "campplus_windows": WindowedSpeakerFrontEnd,
+              "campplus_segmentation": SegmentedSpeakerFrontEnd}

@@ -268,7 +268,7 @@ def annotated_set(spec: str) -> TestSet:
         raise NanodrzError(f"--extra {spec}: {audio_dir} is not a folder")
     references = load_turns(rttm_dir, "reference")
     files, _ = find_audio([str(audio_dir)])
-    recordings = [(path.stem, path) for path in files if path.stem in references]
+    recordings = [(path.stem, path) for _, path in files if path.stem in references]
     if not recordings:
         raise NanodrzError(f"--extra {spec}: no audio file in {audio_dir} has a reference in {rttm_dir} "
                            "(file stems must match RTTM file ids)")
