@@ -127,3 +127,14 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NANODRZ_CACHE", str(path))
         yield path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread (the suite shares its cores with other jobs), then restore the count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

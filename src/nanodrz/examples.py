@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from nanodrz.model import pad_audio, pad_values
 from nanodrz.simulate import (Conversation, Curriculum, SimulationConfig, as_range, check_bank, fixed_conversations,
                               simulate_conversation)
 from nanodrz.tokenizer import Encoded, Tokenizer
+
+if TYPE_CHECKING:
+    from nanodrz.recordings import RecordingSource
 
 PROMPT_GAP_SECONDS = 0.2
 EXAMPLE_STREAM = 2  # keeps chunk/prompt draws of fixed sets apart from the simulator's own streams
@@ -284,16 +287,19 @@ class ExampleStream(IterableDataset):
     round-robin (worker w makes batches start + w, start + w + W, ...), the order in which DataLoader
     hands them out, so the batch sequence is the same for any number of workers and restarting at
     batch `start` (a resumed run) continues it exactly. Use with `DataLoader(batch_size=None)`.
+    With `recordings`, the examples it claims (a draw of its own per index) are cut from annotated
+    recordings instead of simulated; the simulated ones stay those of a run without recordings.
     """
 
     def __init__(self, bank_root: str | Path, split: str, stream: StreamConfig, examples: ExampleConfig,
                  tokenizer: Tokenizer, batch_size: int, seed: int, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, recordings: RecordingSource | None = None):
         super().__init__()
         self.bank_root, self.split = Path(bank_root), split
         self.examples, self.tokenizer = examples, tokenizer
         self.batch_size, self.seed, self.start_batch = batch_size, seed, start_batch
         self.rank, self.world_size = rank, world_size
+        self.recordings = recordings
         self.stages = resolve_stages(stream, tokenizer.num_speakers)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -308,8 +314,11 @@ class ExampleStream(IterableDataset):
             items = []
             for j in range(self.batch_size):
                 index = (batch * self.world_size + self.rank) * self.batch_size + j
-                example = make_example(bank, self.stages, self.examples, self.tokenizer, index,
-                                       np.random.default_rng([self.seed, index]))
+                example = None if self.recordings is None else self.recordings.example(
+                    self.seed, index, self.examples, self.tokenizer.config.max_seconds)
+                if example is None:
+                    example = make_example(bank, self.stages, self.examples, self.tokenizer, index,
+                                           np.random.default_rng([self.seed, index]))
                 items.append(example_item(example, self.tokenizer, self.examples.eos_weight))
             yield collate(items)
             batch += workers

@@ -52,6 +52,8 @@ from nanodrz.fileio import atomic_open
 from nanodrz.model import (DiarizationModel, ModelConfig, activity_loss, activity_targets, sequence_loss,
                            speaker_count_loss)
 from nanodrz.paths import default_bank_dir
+from nanodrz.recordings import Recording, RecordingsConfig, load_recordings
+from nanodrz.recordings import validation_examples as recording_validation_examples
 from nanodrz.simulate import check_bank, load_preset
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 
@@ -75,7 +77,8 @@ class ValidationConfig:
 
 @dataclass
 class DataConfig:
-    """bank: bank folder (default: the cache's); workers: DataLoader processes simulating conversations."""
+    """bank: bank folder (default: the cache's); workers: DataLoader processes simulating conversations;
+    recordings: annotated recordings mixed into the stream (fine-tuning; see `nanodrz.recordings`)."""
 
     bank: str | None = None
     split: str = "train"
@@ -83,6 +86,7 @@ class DataConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     examples: ExampleConfig = field(default_factory=ExampleConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    recordings: RecordingsConfig | None = None
 
     def __post_init__(self):
         if self.workers < 0:
@@ -494,6 +498,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                            "or set train.out_dir to a new folder")
     if checkpoint is not None:
         check_resume_compatible(checkpoint.config, config)
+    recordings = load_recordings(config.data.recordings, tokenizer.num_speakers) if config.data.recordings else None
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
@@ -533,7 +538,8 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
         net = torch.compile(net)
 
     stream = ExampleStream(bank_root, config.data.split, config.data.stream, config.data.examples, tokenizer,
-                           config.train.batch_size, config.train.seed, start_step, env.rank, env.world_size)
+                           config.train.batch_size, config.train.seed, start_step, env.rank, env.world_size,
+                           recordings.source if recordings is not None else None)
     # The loader's own generator keeps it from drawing on the global one, which dropout uses.
     loader = DataLoader(stream, batch_size=None, num_workers=config.data.workers,
                         prefetch_factor=2 if config.data.workers else None, pin_memory=env.device.type == "cuda",
@@ -548,9 +554,12 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         log = RunLog(run_dir, start_step, config)
-        validation = validation_examples(config, bank_root, tokenizer)
+        validation = validation_examples(config, bank_root, tokenizer,
+                                         recordings.held_out if recordings is not None else None)
         print(f"nanodrz train: {model.num_parameters() / 1e6:.2f} M parameters, device {env.device}, "
               f"{env.world_size} process(es), run folder {run_dir}")
+        if recordings is not None:
+            print(f"nanodrz train: {recordings.describe()}")
 
     def save(step: int) -> None:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -668,8 +677,9 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     return last_record
 
 
-def validation_examples(config: Config, bank_root: Path, tokenizer: Tokenizer) -> dict[str, list[Example]]:
-    """{preset name: examples} of the validation set."""
+def validation_examples(config: Config, bank_root: Path, tokenizer: Tokenizer,
+                        held_out: list[Recording] | None = None) -> dict[str, list[Example]]:
+    """{preset name: examples} of the validation set, and `recordings`: chunks of the held-out recordings."""
     validation, stream = config.data.validation, config.data.stream
     names = validation.presets or list(stream.curriculum.stages[-1].presets)
     bank = Bank(bank_root, validation.split)
@@ -680,4 +690,7 @@ def validation_examples(config: Config, bank_root: Path, tokenizer: Tokenizer) -
         check_bank(bank, simulation)
         sets[name] = fixed_examples(bank, simulation, examples, tokenizer.config.max_seconds,
                                     validation.conversations, validation.seed)
+    if held_out:
+        sets["recordings"] = recording_validation_examples(held_out, examples, tokenizer.config.max_seconds,
+                                                           validation.conversations, validation.seed)
     return sets
