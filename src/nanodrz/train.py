@@ -2,7 +2,8 @@
 
 One loop for CPU, one GPU and many (torchrun starts one process per device; rank and world size
 come from the environment, gloo on CPU, NCCL on CUDA). Conversations are simulated on the fly by
-DataLoader workers, following a curriculum over simulator presets. Every `checkpoint_interval`
+DataLoader workers, following a curriculum over simulator presets; with `data.recordings`, a share of
+the examples is cut from annotated recordings instead (fine-tuning, `nanodrz.recordings`). Every `checkpoint_interval`
 steps and at the end, `last.safetensors` + `last.state.safetensors` are written atomically (no pickles:
 a shared run folder cannot run code); `--resume` continues from them exactly (same batches, same
 optimizer and random states, hence the same losses). A NaN or infinite loss or gradient stops the run
