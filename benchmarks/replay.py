@@ -31,7 +31,8 @@ def collect(diarizer: Diarizer, sets: list[Path]) -> Found:
         for name, outputs in diarizer.chunk_outputs_many(recordings):
             if isinstance(outputs, NanodrzError):
                 raise SystemExit(f"{Path(sys.argv[0]).stem}: {outputs}")
-            [reference] = read_rttm(folder / f"{name.split('/')[1]}.rttm").values()
+            # An RTTM without SPEAKER lines is a recording where nobody speaks.
+            reference = next(iter(read_rttm(folder / f"{name.split('/')[1]}.rttm").values()), [])
             found.setdefault(folder.name, {})[name] = (reference, outputs)
     return found
 
