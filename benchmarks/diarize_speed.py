@@ -14,6 +14,7 @@ grows faster than the length shows up as rising seconds per audio minute.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -79,25 +81,28 @@ def measure(model: Path, audio: Path, cores: int, threads: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def test_voices() -> Iterator[tuple[Bank, str]]:
+    """The test split of the prepared bank if there is one, else of the synthetic test bank (built in a
+    temporary folder for as long as it is used), and where its voices come from."""
+    if (default_bank_dir() / "shards").is_dir():
+        yield Bank(default_bank_dir(), "test"), f"bank {default_bank_dir()}"
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import build_tiny_bank
+
+    with tempfile.TemporaryDirectory() as temporary:
+        yield Bank(build_tiny_bank(Path(temporary) / "bank"), "test"), "synthetic test bank (tests/conftest.py)"
+
+
 def meeting_audio() -> tuple[np.ndarray, str]:
     """A 5 minute simulated meeting and where its voices come from."""
-    temporary = None
-    if (default_bank_dir() / "shards").is_dir():
-        root, origin = default_bank_dir(), f"bank {default_bank_dir()}"
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import build_tiny_bank
-
-        temporary = tempfile.TemporaryDirectory()
-        root, origin = build_tiny_bank(Path(temporary.name) / "bank"), "synthetic test bank (tests/conftest.py)"
-    bank = Bank(root, "test")
-    speakers = min(5, bank.num_speakers)
-    # No rooms: reverberation does not change the cost, and the room bank would be simulated first.
-    config = load_preset("long", [f"duration={MEETING_SECONDS}", f"num_speakers=[2,{speakers}]", "reverb.probability=0"])
-    audio = simulate_conversation(bank, config, conversation_rng(0, 0)).audio
-    if temporary is not None:
-        temporary.cleanup()
-    return audio, origin
+    with test_voices() as (bank, origin):
+        speakers = min(5, bank.num_speakers)
+        # No rooms: reverberation does not change the cost, and the room bank would be simulated first.
+        config = load_preset("long", [f"duration={MEETING_SECONDS}", f"num_speakers=[2,{speakers}]",
+                                      "reverb.probability=0"])
+        return simulate_conversation(bank, config, conversation_rng(0, 0)).audio, origin
 
 
 def write_looped(path: Path, meeting: np.ndarray, minutes: float) -> None:

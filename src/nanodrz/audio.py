@@ -77,3 +77,20 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_R
     subtype = "PCM_16" if fmt in ("WAV", "FLAC") else "VORBIS"
     with atomic_path(path) as tmp:
         sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+
+
+def waveform_audio(name: str, waveform: object, sample_rate: object) -> np.ndarray:
+    """pyannote's in-memory audio (a torch tensor or array of (channels, samples) or (samples,) at
+    `sample_rate`) as 16 kHz mono float32, so such callers need not convert it themselves."""
+    if hasattr(waveform, "detach"):  # a torch tensor, on any device
+        waveform = waveform.detach().cpu().float().numpy()
+    try:
+        array = np.asarray(waveform, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise NanodrzError(f"{name}: 'waveform' is not an array of samples") from None
+    if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[0] > array.shape[1]):
+        raise NanodrzError(f"{name}: 'waveform' must be (channels, samples) or (samples,), got shape {array.shape}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise NanodrzError(f"{name}: 'sample_rate' must be a positive whole number of Hz, got {sample_rate!r}")
+    mono = array.mean(axis=0) if array.ndim == 2 else array
+    return resample(mono, int(sample_rate))

@@ -27,7 +27,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -36,14 +36,15 @@ import torch
 from pyannote.core import Annotation
 from tqdm import tqdm
 
-from nanodrz.annotation import Turn, format_rttm, to_annotation
-from nanodrz.audio import SAMPLE_RATE, load_audio, to_mono
+from nanodrz.annotation import Turn
+from nanodrz.audio import SAMPLE_RATE, load_audio, to_mono, waveform_audio
 from nanodrz.checkpoint import build_model, load_checkpoint
 from nanodrz.decoding import DecodingOptions, decode
 from nanodrz.errors import NanodrzError
 from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
-from nanodrz.fileio import atomic_open, check_writable_folder
+from nanodrz.fileio import check_writable_folder
 from nanodrz.model import DiarizationModel
+from nanodrz.outputs import DiarizeOutput, diarize_output, exclusive, parse_formats, write_outputs
 from nanodrz.resegment import (OVERLAP_EVIDENCE_SECONDS, OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack,
                                overlapped_seconds, resegment)
 from nanodrz.relabel import (DOMINANT_SHARE, MERGE_THRESHOLD, MIN_LABEL_SECONDS, REFINE_PASSES, SAME_VOICE_COSINE,
@@ -59,6 +60,10 @@ VOICE_BLOCK_SECONDS = 60.0
 SHIPPED_MODEL = Path(__file__).parent / "models" / "default.safetensors"
 # (samples,) 16 kHz audio -> (positions, E) unit speaker embeddings, position t at t / frame_rate seconds.
 VoiceFunction = Callable[[np.ndarray], np.ndarray]
+# (recording name, seconds of it read so far, its length in seconds): called as each chunk is read.
+ProgressHook = Callable[[str, float, float], None]
+# A path, 16 kHz mono samples, or pyannote's in-memory {"waveform": (channels, samples), "sample_rate": Hz}.
+AudioSource = str | Path | np.ndarray | Mapping[str, object]
 
 
 @dataclass
@@ -210,9 +215,13 @@ class ChunkOutputs:
 
     def finish(self, settings: DiarizationSettings) -> list[Turn]:
         """The recording's final turns under `settings`, as `nanodrz diarize` gives them."""
-        turns, scores = finish_turns(self.turns, self.scores, self.voices, self.counts, settings, self.named,
-                                     self.time_resolution)
+        turns, scores = self.scored_turns(settings)
         return exclusive(turns, scores) if settings.exclusive else turns
+
+    def scored_turns(self, settings: DiarizationSettings) -> tuple[list[Turn], list[float]]:
+        """The final turns before `--exclusive`, with the model's confidence in each."""
+        return finish_turns(self.turns, self.scores, self.voices, self.counts, settings, self.named,
+                            self.time_resolution)
 
 
 class RecordingState:
@@ -220,7 +229,7 @@ class RecordingState:
 
     def __init__(self, name: str, source: str | Path | np.ndarray, geometry: PromptGeometry,
                  settings: DiarizationSettings, enrolled: dict[str, np.ndarray], seconds: float,
-                 progress: bool = False):
+                 progress: bool = False, on_progress: ProgressHook | None = None):
         self.name = name
         self.where = name if isinstance(source, np.ndarray) else str(source)  # what error messages name
         self.geometry = geometry
@@ -228,6 +237,9 @@ class RecordingState:
         # One bar per recording, on terminals only: an hour of audio takes minutes.
         self.bar = tqdm(total=round(seconds, 1), unit="s", desc=name, leave=False, file=sys.stderr,
                         disable=None if progress else True)
+        self.on_progress = on_progress
+        self.seconds = seconds
+        self.seconds_read = 0.0
         self.chunks = iter_chunks(source, geometry.chunk_seconds)
         self.upcoming = next(self.chunks, None)
         self.offset = 0.0
@@ -255,6 +267,7 @@ class RecordingState:
             self.close()
             return None
         self.bar.update(round(len(chunk) / SAMPLE_RATE, 1))
+        self.seconds_read += len(chunk) / SAMPLE_RATE
         check_chunk(chunk, self.where)
         if len(chunk):
             self.loudest = max(self.loudest, 10 * np.log10(float(np.max(chunk ** 2)) + 1e-12))
@@ -264,6 +277,13 @@ class RecordingState:
         audio, prompt = assemble_prompted_input(clips, chunk, PROMPT_GAP_SECONDS)
         self.prompt_seconds = (len(audio) - len(chunk)) / SAMPLE_RATE
         return audio, prompt
+
+    def report_progress(self) -> None:
+        """Tell the progress hook how far reading has come; the last chunk reports the whole length
+        (resampling can leave the count of samples read a fraction of a sample off)."""
+        if self.on_progress is not None:
+            done = self.seconds if self.upcoming is None else min(self.seconds_read, self.seconds)
+            self.on_progress(self.name, done, self.seconds)
 
     def close(self) -> None:
         """Stop reading: the file is closed and the bar removed."""
@@ -475,24 +495,6 @@ def stitch(turns: Sequence[Turn], scores: Sequence[float], gap: float) -> tuple[
     return [merged[i] for i in order], [merged_scores[i] for i in order]
 
 
-def exclusive(turns: Sequence[Turn], scores: Sequence[float]) -> list[Turn]:
-    """One speaker at a time: overlapped stretches go to the turn the model was most sure of
-    (ties: the turn that started first), as ASR word alignment needs."""
-    bounds = sorted({t.start for t in turns} | {t.end for t in turns})
-    pieces: list[Turn] = []
-    for left, right in zip(bounds, bounds[1:]):
-        active = [(score, -turn.start, turn.speaker) for turn, score in zip(turns, scores)
-                  if turn.start <= left and turn.end >= right]
-        if not active:
-            continue
-        speaker = max(active)[2]
-        if pieces and pieces[-1].speaker == speaker and abs(pieces[-1].end - left) < 1e-9:
-            pieces[-1] = Turn(pieces[-1].start, right, speaker)
-        else:
-            pieces.append(Turn(left, right, speaker))
-    return pieces
-
-
 class Diarizer:
     """A loaded model, ready to diarize paths or arrays (load once, call many times).
 
@@ -522,16 +524,24 @@ class Diarizer:
         checkpoint = load_checkpoint(path)
         return cls(build_model(checkpoint).to(torch_device), checkpoint.config)
 
-    def __call__(self, audio: str | Path | np.ndarray, settings: DiarizationSettings | None = None,
+    def __call__(self, audio: AudioSource, settings: DiarizationSettings | None = None,
                  enroll: dict[str, str | Path | np.ndarray] | None = None, uri: str | None = None) -> Annotation:
-        """Diarize one recording (a path, or a 16 kHz mono float array) into a pyannote Annotation."""
-        name = uri or (Path(audio).stem if not isinstance(audio, np.ndarray) else "audio")
-        [(_, outcome)] = self.diarize_many([(name, audio)], settings, enroll, batch_size=1)
+        """Diarize one recording into a pyannote Annotation (`run(...).speaker_diarization`)."""
+        return self.run(audio, settings, enroll, uri).speaker_diarization
+
+    def run(self, audio: AudioSource, settings: DiarizationSettings | None = None,
+            enroll: dict[str, str | Path | np.ndarray] | None = None, uri: str | None = None,
+            on_progress: ProgressHook | None = None) -> DiarizeOutput:
+        """Diarize one recording (a path, 16 kHz mono samples, or pyannote's in-memory
+        {"waveform": ..., "sample_rate": ...}) into regular and exclusive diarizations and one speaker
+        embedding per label, as pyannote.audio 4 pipelines return them."""
+        name = uri or recording_name(audio)
+        [(_, outcome)] = self.outputs_many([(name, audio)], settings, enroll, batch_size=1, on_progress=on_progress)
         if isinstance(outcome, NanodrzError):
             raise outcome
-        return to_annotation(outcome, uri=name)
+        return outcome
 
-    def diarize_many(self, recordings: Sequence[tuple[str, str | Path | np.ndarray]],
+    def diarize_many(self, recordings: Sequence[tuple[str, AudioSource]],
                      settings: DiarizationSettings | None = None,
                      enroll: dict[str, str | Path | np.ndarray] | None = None,
                      batch_size: int = 8, progress: bool = False) -> Iterator[tuple[str, list[Turn] | NanodrzError]]:
@@ -540,9 +550,19 @@ class Diarizer:
         Yields (name, turns) per recording in input order, or (name, NanodrzError) for a recording that
         could not be processed; one bad file never stops the others.
         """
-        yield from self._process(recordings, settings, enroll, batch_size, progress, self._finish)
+        for name, outcome in self.outputs_many(recordings, settings, enroll, batch_size, progress):
+            yield name, outcome if isinstance(outcome, NanodrzError) else list(outcome.turns)
 
-    def chunk_outputs_many(self, recordings: Sequence[tuple[str, str | Path | np.ndarray]],
+    def outputs_many(self, recordings: Sequence[tuple[str, AudioSource]],
+                     settings: DiarizationSettings | None = None,
+                     enroll: dict[str, str | Path | np.ndarray] | None = None, batch_size: int = 8,
+                     progress: bool = False, on_progress: ProgressHook | None = None
+                     ) -> Iterator[tuple[str, DiarizeOutput | NanodrzError]]:
+        """`diarize_many` with a `DiarizeOutput` per recording; `on_progress` is called as each chunk
+        of each recording is read."""
+        yield from self._process(recordings, settings, enroll, batch_size, progress, self._output, on_progress)
+
+    def chunk_outputs_many(self, recordings: Sequence[tuple[str, AudioSource]],
                            settings: DiarizationSettings | None = None, batch_size: int = 8, progress: bool = False
                            ) -> Iterator[tuple[str, ChunkOutputs | NanodrzError]]:
         """`diarize_many` stopped before post-processing: (name, ChunkOutputs) per recording, whose
@@ -550,9 +570,10 @@ class Diarizer:
         speaker caps included, are `settings`'s). For benchmarks that tune post-processing."""
         yield from self._process(recordings, settings, None, batch_size, progress, RecordingState.chunk_outputs)
 
-    def _process(self, recordings: Sequence[tuple[str, str | Path | np.ndarray]], settings: DiarizationSettings | None,
+    def _process(self, recordings: Sequence[tuple[str, AudioSource]], settings: DiarizationSettings | None,
                  enroll: dict[str, str | Path | np.ndarray] | None, batch_size: int, progress: bool,
-                 finish: Callable[[RecordingState], object]) -> Iterator[tuple[str, object]]:
+                 finish: Callable[[RecordingState], object], on_progress: ProgressHook | None = None
+                 ) -> Iterator[tuple[str, object]]:
         settings = settings or DiarizationSettings()
         if batch_size < 1:
             raise NanodrzError("--batch-size must be at least 1")
@@ -566,13 +587,16 @@ class Diarizer:
             states: list[RecordingState] = []
             for name, source in group:
                 try:
+                    if isinstance(source, Mapping):
+                        source = in_memory_audio(name, source)
                     if not isinstance(source, np.ndarray):
                         seconds = check_audio_file(Path(source))
                     elif len(source) < MIN_SECONDS * SAMPLE_RATE:
                         raise NanodrzError(f"{name}: shorter than {MIN_SECONDS} s")
                     else:
                         seconds = len(source) / SAMPLE_RATE
-                    states.append(RecordingState(name, source, self.geometry, settings, enrolled, seconds, progress))
+                    states.append(RecordingState(name, source, self.geometry, settings, enrolled, seconds, progress,
+                                                 on_progress))
                 except Exception as error:  # the first block is read here: a corrupt file fails alone
                     outcomes[name] = reading_error(source if isinstance(source, (str, Path)) else name, error)
             self._run(states, outcomes, finish)
@@ -599,6 +623,7 @@ class Diarizer:
                     except NanodrzError as error:
                         outcomes[state.name] = error
                     continue
+                state.report_progress()
                 inputs.append(item)
                 ready.append(state)
             active = [state for state in ready if not state.done]
@@ -617,12 +642,30 @@ class Diarizer:
                     if self.voice_function is not None:
                         ready[i].add_voices(self.voice_function, self.model.config.frame_rate)
 
-    def _finish(self, state: RecordingState) -> list[Turn]:
-        turns = state.chunk_outputs().finish(state.settings)
-        if state.settings.min_speakers and len({t.speaker for t in turns}) < state.settings.min_speakers:
-            print(f"nanodrz diarize: warning: {state.name}: found {len({t.speaker for t in turns})} speakers, "
+    def _output(self, state: RecordingState) -> DiarizeOutput:
+        turns, scores = state.chunk_outputs().scored_turns(state.settings)
+        # The voice track, also of a silent recording, so its embeddings are (0, E) rather than missing.
+        output = diarize_output(state.name, turns, scores, state.settings.exclusive, state.track)
+        if state.settings.min_speakers and len(output.labels) < state.settings.min_speakers:
+            print(f"nanodrz diarize: warning: {state.name}: found {len(output.labels)} speakers, "
                   f"fewer than the {state.settings.min_speakers} asked for", file=sys.stderr)
-        return turns
+        return output
+
+
+def recording_name(audio: AudioSource) -> str:
+    """The name a recording gets when the caller gives none: a file's stem, an in-memory dict's "uri"."""
+    if isinstance(audio, (str, Path)):
+        return Path(audio).stem
+    if isinstance(audio, Mapping):
+        return str(audio.get("uri") or "audio")
+    return "audio"
+
+
+def in_memory_audio(name: str, audio: Mapping[str, object]) -> np.ndarray:
+    """pyannote's {"waveform": (channels, samples), "sample_rate": Hz} as 16 kHz mono samples."""
+    if "waveform" not in audio or "sample_rate" not in audio:
+        raise NanodrzError(f"{name}: in-memory audio needs 'waveform' and 'sample_rate' keys, got {sorted(audio)}")
+    return waveform_audio(name, audio["waveform"], audio["sample_rate"])
 
 
 def model_voice_function(model: DiarizationModel) -> VoiceFunction | None:
@@ -704,41 +747,14 @@ def enrollment_clip(name: str, clip: str | Path | np.ndarray) -> np.ndarray:
     return audio
 
 
-def write_outputs(name: str, turns: list[Turn], out_dir: Path | None, formats: set[str], plot: bool) -> None:
-    """NAME.rttm / .json / .png under `out_dir` (in NAME's sub-folders), or RTTM / JSON on stdout."""
-    relative = Path(name.replace(" ", "_"))
-    uri = relative.name
-    if out_dir is None:
-        if "rttm" in formats:
-            sys.stdout.write(format_rttm(turns, uri))
-        if "json" in formats:
-            sys.stdout.write(json.dumps(turns_to_json(uri, turns)) + "\n")
-    else:
-        if "rttm" in formats:
-            with atomic_open(out_dir / relative.with_name(f"{uri}.rttm")) as handle:
-                handle.write(format_rttm(turns, uri))
-        if "json" in formats:
-            with atomic_open(out_dir / relative.with_name(f"{uri}.json")) as handle:
-                json.dump(turns_to_json(uri, turns), handle, indent=2)
-                handle.write("\n")
-    if plot:
-        from nanodrz.plots import plot_timeline
-
-        plot_timeline({"hypothesis": turns}, (out_dir or Path(".")) / relative.with_name(f"{uri}.png"), title=uri)
-
-
-def turns_to_json(uri: str, turns: list[Turn]) -> dict:
-    return {
-        "uri": uri,
-        "speakers": sorted({t.speaker for t in turns}),
-        "turns": [{"start": round(t.start, 3), "end": round(t.end, 3), "speaker": t.speaker} for t in turns],
-    }
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="AUDIO_OR_DIR", help="audio files or directories")
-    parser.add_argument("--out", type=Path, help="write NAME.rttm/.json/.png here (default: RTTM to stdout)")
-    parser.add_argument("--format", default="rttm", help="comma-separated output formats: rttm, json")
+    parser.add_argument("--out", type=Path, help="write the NAME.* files of --format and --plot here "
+                        "(default: RTTM to stdout)")
+    parser.add_argument("--format", default="rttm",
+                        help="comma-separated output formats: rttm (NAME.rttm), exclusive-rttm (NAME.exclusive.rttm: "
+                             "at most one speaker at a time), json (NAME.json), embeddings (NAME.embeddings.npz: "
+                             "'labels' and one unit CAM++ speaker embedding per label in 'embeddings'; needs --out)")
     parser.add_argument("--plot", action="store_true", help="also write a timeline plot NAME.png")
     parser.add_argument("--model", type=Path, help="checkpoint .safetensors (default: the shipped model)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -769,8 +785,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="move turn boundaries to the model's frame-level speaker activity within this reach "
                              f"(models with an activity head; default {DecodingOptions.snap_seconds:g}, 0 = off)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: small models decode token by token fastest on one "
-                             "thread; raise it for large models)")
+                        help="CPU threads for torch, per worker (default 1: small models decode token by token "
+                             "fastest on one thread; raise it for large models)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes, one model each (default 1); each takes whole groups of --batch-size "
+                             "files, so the outputs are the same as with one")
 
 
 def merge_threshold_arg(value: str) -> float:
@@ -805,11 +824,18 @@ def probability_arg(value: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a probability or off, got {value!r}") from None
 
 
+def load_diarizer(model: Path | None, device: str, threads: int, formats: set[str]) -> Diarizer:
+    """The diarizer of one process running `nanodrz diarize`, refusing formats its model cannot give."""
+    torch.set_num_threads(threads)
+    diarizer = Diarizer.from_pretrained(model, device)
+    if "embeddings" in formats and diarizer.voice_function is None:
+        raise NanodrzError("--format embeddings needs a model whose front end computes speaker embeddings "
+                           "(campplus_windows or campplus_segmentation); this one does not")
+    return diarizer
+
+
 def run(args: argparse.Namespace) -> int:
-    formats = {f.strip() for f in args.format.split(",") if f.strip()}
-    unknown = formats - {"rttm", "json"}
-    if unknown or not formats:
-        raise NanodrzError(f"--format takes rttm and/or json, not {', '.join(sorted(unknown)) or 'nothing'}")
+    formats = parse_formats(args.format, args.out is not None)
     decoding = DecodingOptions(strategy=args.decoding, beam_size=args.beam_size, temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed, eos_penalty=args.eos_penalty,
                                **({} if args.snap is None else {"snap_seconds": args.snap}))
@@ -818,23 +844,32 @@ def run(args: argparse.Namespace) -> int:
                                    merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
                                    speech_threshold=args.speech_threshold, overlap_threshold=args.overlap_threshold,
                                    decoding=decoding)
-    if args.threads < 1 or args.batch_size < 1:
-        raise NanodrzError("--threads and --batch-size must be at least 1")
+    if args.threads < 1 or args.batch_size < 1 or args.workers < 1:
+        raise NanodrzError("--threads, --batch-size and --workers must be at least 1")
     if args.out is not None:
         check_writable_folder(args.out, "--out")
     found, errors = find_audio(args.inputs)
     check_distinct_outputs(found)
     enroll = parse_enrollment(args.enroll)
-    torch.set_num_threads(args.threads)
-    diarizer = Diarizer.from_pretrained(args.model, args.device)
-    for name, outcome in diarizer.diarize_many(found, settings, enroll, args.batch_size, progress=len(found) > 1):
+    if args.workers > 1:
+        from nanodrz.parallel import WorkerJob, diarize_in_workers  # it imports this module
+
+        job = WorkerJob(args.model, args.device, args.threads, args.batch_size, frozenset(formats), settings, enroll)
+        outcomes = diarize_in_workers(found, job, args.workers, progress=len(found) > 1)
+    else:
+        diarizer = load_diarizer(args.model, args.device, args.threads, formats)
+        outcomes = diarizer.outputs_many(found, settings, enroll, args.batch_size, progress=len(found) > 1)
+    failed: dict[str, NanodrzError] = {}
+    for name, outcome in outcomes:
         if not isinstance(outcome, NanodrzError):
             try:
                 write_outputs(name, outcome, args.out, formats, args.plot)
                 continue
             except OSError as error:  # a full disk loses this file's output, not the others'
                 outcome = NanodrzError(f"{name}: cannot write the output ({error.strerror or error})")
-        errors.append(outcome)
+        failed[name] = outcome
+    # In input order, however the workers finished.
+    errors += [failed[name] for name, _ in found if name in failed]
     for error in errors:
         print(f"nanodrz diarize: error: {error}", file=sys.stderr)
     return 1 if errors else 0

@@ -413,12 +413,7 @@ def absorb_small_labels(turns: Sequence[Turn], track: np.ndarray, frame_rate: fl
     heard only in overlap still has one), smallest first, while more than `min_speakers` labels are
     left."""
     speech = speech_seconds(turns)
-    voices: dict[str, np.ndarray] = {}
-    for label in speech:
-        frames = [track[_frame_range(t.start, t.end, frame_rate, len(track))] for t in turns if t.speaker == label]
-        total = np.concatenate(frames).sum(axis=0, dtype=np.float64) if frames else np.zeros(0)
-        if total.size and np.linalg.norm(total) > 0:
-            voices[label] = total / np.linalg.norm(total)
+    voices = turn_voices(turns, track, frame_rate)
     owner = {label: label for label in speech}
     for label in sorted(speech, key=speech.get):
         alive = {owner[other] for other in speech}
@@ -431,6 +426,18 @@ def absorb_small_labels(turns: Sequence[Turn], track: np.ndarray, frame_rate: fl
                 if current == label:
                     owner[key] = target
     return [Turn(t.start, t.end, owner[t.speaker]) for t in turns]
+
+
+def turn_voices(turns: Sequence[Turn], track: np.ndarray, frame_rate: float) -> dict[str, np.ndarray]:
+    """label -> unit mean embedding over all of its turns, overlap included (so a label heard only in
+    overlap still has a voice); labels without any frame of `track` are left out."""
+    voices: dict[str, np.ndarray] = {}
+    for label in speech_seconds(turns):
+        frames = [track[_frame_range(t.start, t.end, frame_rate, len(track))] for t in turns if t.speaker == label]
+        total = np.concatenate(frames).sum(axis=0, dtype=np.float64) if frames else np.zeros(0)
+        if total.size and np.linalg.norm(total) > 0:
+            voices[label] = total / np.linalg.norm(total)
+    return voices
 
 
 def speech_seconds(turns: Sequence[Turn]) -> dict[str, float]:
