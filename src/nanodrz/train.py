@@ -604,7 +604,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
             # Gradients are all-reduced, so every rank sees the same norm and stops at the same step.
             if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):
                 raise NanodrzError(f"step {step + 1}: the loss or the gradients are not finite (loss "
-                                   f"{float(loss):g}, gradient norm {float(grad_norm):g}); training stopped and "
+                                   f"{float(loss.detach()):g}, gradient norm {float(grad_norm):g}); training stopped and "
                                    f"the checkpoints in {run_dir} were kept as they were. Lower optim.lr or check "
                                    "the data and the checkpoint you started from")
             optimizer.step()
