@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from nanodrz.annotation import Turn, read_rttm
-from nanodrz.diarize import ChunkOutputs, Diarizer
+from nanodrz.decoding import DecodingOptions
+from nanodrz.diarize import ChunkOutputs, DiarizationSettings, Diarizer
 from nanodrz.errors import NanodrzError
 from nanodrz.fileio import atomic_open
 
@@ -24,11 +25,12 @@ from nanodrz.fileio import atomic_open
 Found = dict[str, dict[str, tuple[list[Turn], ChunkOutputs]]]
 
 
-def collect(diarizer: Diarizer, sets: list[Path]) -> Found:
+def collect(diarizer: Diarizer, sets: list[Path], decoding: DecodingOptions | None = None) -> Found:
     found: Found = {}
+    settings = DiarizationSettings(decoding=decoding or DecodingOptions())
     for folder in tqdm(sets, desc="diarize", unit="set"):
         recordings = [(f"{folder.name}/{wav.stem}", str(wav)) for wav in sorted(folder.glob("*.wav"))]
-        for name, outputs in diarizer.chunk_outputs_many(recordings):
+        for name, outputs in diarizer.chunk_outputs_many(recordings, settings):
             if isinstance(outputs, NanodrzError):
                 raise SystemExit(f"{Path(sys.argv[0]).stem}: {outputs}")
             # An RTTM without SPEAKER lines is a recording where nobody speaks.
@@ -46,6 +48,8 @@ def main(description: str, report: Callable[[Found, str, list[Path]], str], mode
     parser.add_argument("--model", help=model_help)
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--threads", type=int, default=default_threads)
+    parser.add_argument("--eos-penalty", type=float, default=DecodingOptions.eos_penalty,
+                        help="decoding's EOS penalty (decoding is not replayed: one value per run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sets = sorted(path for path in args.sets.iterdir() if path.is_dir() and any(path.glob("*.wav"))) \
@@ -54,7 +58,8 @@ def main(description: str, report: Callable[[Found, str, list[Path]], str], mode
         print(f"{Path(sys.argv[0]).stem}: no set folders with WAV files under {args.sets}", file=sys.stderr)
         return 1
     diarizer = Diarizer.from_pretrained(args.model)
-    text = report(collect(diarizer, sets), args.model or "shipped", sets)
+    text = report(collect(diarizer, sets, DecodingOptions(eos_penalty=args.eos_penalty)),
+                  f"{args.model or 'shipped'}, EOS penalty {args.eos_penalty:g}", sets)
     print(text)
     if args.markdown:
         with atomic_open(args.markdown) as handle:
