@@ -8,6 +8,7 @@ prompting and stitching logic under test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -381,3 +382,18 @@ def test_shipped_model_diarizes_the_example_conversation():
     assert len({t.speaker for t in turns}) >= 2
     report = score(read_rttm(root / "conversation.rttm"), {"conversation": turns})
     assert report.der(0.0) < 0.3  # 9.6% at collar 0 with the shipped model (bash scripts/run-example.sh)
+
+
+def test_segmentation_gate_cuts_written_speech_where_segmentation_hears_none():
+    from nanodrz.diarize import finish_turns
+    from nanodrz.resegment import CountTrack
+
+    probabilities = np.tile(np.array([0.0, 1.0, 0.0], dtype=np.float32), (100, 1))
+    probabilities[25:50] = [0.9, 0.1, 0.0]  # 1-2 s: segmentation-3.0 hears nobody
+    segmentation = CountTrack(25.0)
+    segmentation.add(probabilities, 0.0)
+    plain = DiarizationSettings(refine_passes=0, speech_threshold=None, overlap_threshold=None)
+    for threshold, expected in ((0.8, [(0.0, 1.0), (2.0, 4.0)]), (0.95, [(0.0, 4.0)]), (None, [(0.0, 4.0)])):
+        settings = dataclasses.replace(plain, nonspeech_threshold=threshold)
+        turns, _ = finish_turns([Turn(0.0, 4.0, "A")], [1.0], None, None, settings, frozenset(), 0.04, segmentation)
+        assert [(t.start, t.end) for t in turns] == [pytest.approx(e, abs=0.03) for e in expected], threshold

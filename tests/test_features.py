@@ -239,3 +239,16 @@ def test_the_voice_track_is_what_the_model_itself_sees():
     # Position t at t / 25 s; the model pads its last position or two with zeros.
     assert track.shape[1] == 192 and 0 <= len(voices[0]) - len(track) <= 2
     np.testing.assert_allclose(track, voices[0, :len(track)].numpy(), atol=1e-5)
+
+
+def test_segmentation_counts_follow_the_front_end_frames_and_hear_no_speech_in_silence():
+    from nanodrz.diarize import model_count_function
+
+    model = make_model("campplus_segmentation")
+    counts = model_count_function(model)
+    audio = torch.cat([torch.zeros(2 * SR), voiced(2.0, 140.0, 5)]).numpy()
+    probabilities = counts(audio)
+    assert probabilities.shape == (int(model.front_end.num_frames(torch.tensor([len(audio)]))[0]), 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert probabilities[5:45, 0].mean() > 0.8  # digital silence: nobody speaks
+    assert model_count_function(make_model("campplus_windows")) is None

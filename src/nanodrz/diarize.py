@@ -45,8 +45,9 @@ from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single
 from nanodrz.fileio import check_writable_folder
 from nanodrz.model import DiarizationModel
 from nanodrz.outputs import DiarizeOutput, diarize_output, exclusive, parse_formats, write_outputs
-from nanodrz.resegment import (OVERLAP_EVIDENCE_SECONDS, OVERLAP_THRESHOLD, SPEECH_THRESHOLD, CountTrack,
-                               overlapped_seconds, resegment)
+from nanodrz.resegment import (NONSPEECH_THRESHOLD, OVERLAP_EVIDENCE_SECONDS, OVERLAP_THRESHOLD, SPEECH_THRESHOLD,
+                               CountTrack, overlapped_seconds, remove_silence, resegment)
+from nanodrz.segmentation import powerset_counts
 from nanodrz.relabel import (DOMINANT_SHARE, MERGE_THRESHOLD, MIN_LABEL_SECONDS, REFINE_PASSES, SAME_VOICE_COSINE,
                              TWO_VOICE_COSINE, TWO_VOICE_SECONDS, WINDOW_SECONDS, VoiceTrack, absorb_small_labels,
                              dominant_label_voices, merge_by_voice, refine_labels, split_dominant_label)
@@ -60,6 +61,8 @@ VOICE_BLOCK_SECONDS = 60.0
 SHIPPED_MODEL = Path(__file__).parent / "models" / "default.safetensors"
 # (samples,) 16 kHz audio -> (positions, E) unit speaker embeddings, position t at t / frame_rate seconds.
 VoiceFunction = Callable[[np.ndarray], np.ndarray]
+# (samples,) 16 kHz audio -> (positions, 3) probabilities of no, one, two or more speakers, same positions.
+CountFunction = Callable[[np.ndarray], np.ndarray]
 # (recording name, seconds of it read so far, its length in seconds): called as each chunk is read.
 ProgressHook = Callable[[str, float, float], None]
 # A path, 16 kHz mono samples, or pyannote's in-memory {"waveform": (channels, samples), "sample_rate": Hz}.
@@ -78,12 +81,14 @@ class DiarizationSettings:
     refine_passes: int = REFINE_PASSES
     speech_threshold: float | None = SPEECH_THRESHOLD
     overlap_threshold: float | None = OVERLAP_THRESHOLD
+    nonspeech_threshold: float | None = NONSPEECH_THRESHOLD
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
 
     def __post_init__(self):
         if self.refine_passes < 0:
             raise NanodrzError(f"--refine-passes must be 0 (off) or more, got {self.refine_passes}")
-        for name, value in (("speech", self.speech_threshold), ("overlap", self.overlap_threshold)):
+        for name, value in (("speech", self.speech_threshold), ("overlap", self.overlap_threshold),
+                            ("nonspeech", self.nonspeech_threshold)):
             if value is not None and not 0.0 < value <= 1.0:
                 raise NanodrzError(f"--{name}-threshold is a probability in (0, 1] (or off), got {value:g}")
         if not self.merge_threshold >= -1.0:
@@ -212,6 +217,7 @@ class ChunkOutputs:
     counts: CountTrack | None
     named: frozenset[str]
     time_resolution: float
+    segmentation: CountTrack | None = None
 
     def finish(self, settings: DiarizationSettings) -> list[Turn]:
         """The recording's final turns under `settings`, as `nanodrz diarize` gives them."""
@@ -221,7 +227,7 @@ class ChunkOutputs:
     def scored_turns(self, settings: DiarizationSettings) -> tuple[list[Turn], list[float]]:
         """The final turns before `--exclusive`, with the model's confidence in each."""
         return finish_turns(self.turns, self.scores, self.voices, self.counts, settings, self.named,
-                            self.time_resolution)
+                            self.time_resolution, self.segmentation)
 
 
 class RecordingState:
@@ -256,6 +262,7 @@ class RecordingState:
         self.prompt_seconds = 0.0
         self.track: VoiceTrack | None = None
         self.counts: CountTrack | None = None
+        self.segmentation: CountTrack | None = None
         self.unvoiced: list[np.ndarray] = []  # chunks still waiting for their speaker embeddings
         self.previous_tail = np.zeros(0, dtype=np.float32)
         self.done = False
@@ -349,6 +356,12 @@ class RecordingState:
         self.turns += [Turn(self.offset + t.start, self.offset + t.end, t.speaker) for t in local]
         self.offset += chunk_seconds
 
+    def add_segmentation(self, count_function: CountFunction, frame_rate: float) -> None:
+        """The current chunk's segmentation-3.0 speaker counts, on the chunk alone (no prompt clips);
+        call before `absorb`, which moves the offset past the chunk."""
+        self.segmentation = self.segmentation or CountTrack(frame_rate)
+        self.segmentation.add(count_function(self.current), self.offset)
+
     def add_voices(self, voice_function: VoiceFunction, frame_rate: float) -> None:
         """Queue the current chunk for the recording's voice track; every `VOICE_BLOCK_SECONDS`, and at
         the end, embed the queued audio in one go, with half a window of its neighbours' audio on each
@@ -396,15 +409,16 @@ class RecordingState:
         if self.loudest < SILENCE_DBFS:  # digital silence: nobody speaks, whatever the decoder wrote
             return ChunkOutputs([], [], None, None, named, self.geometry.time_resolution)
         return ChunkOutputs(list(self.turns), list(self.scores), self.track, self.counts, named,
-                            self.geometry.time_resolution)
+                            self.geometry.time_resolution, self.segmentation)
 
 
 def finish_turns(turns: Sequence[Turn], scores: Sequence[float], voices: VoiceTrack | None, counts: CountTrack | None,
-                 settings: DiarizationSettings, named: frozenset[str], time_resolution: float
-                 ) -> tuple[list[Turn], list[float]]:
+                 settings: DiarizationSettings, named: frozenset[str], time_resolution: float,
+                 segmentation: CountTrack | None = None) -> tuple[list[Turn], list[float]]:
     """A whole recording's stitched chunk turns -> its final turns: labels merged and re-decided by
-    voice (`relabel`), resegmented by the overlap head (`resegment`), stitched, renamed. A pure function
-    of what the chunks left behind, so benchmarks can replay it under other settings."""
+    voice (`relabel`), resegmented by the overlap head (`resegment`), cut where segmentation-3.0 hears
+    no speech, stitched, renamed. A pure function of what the chunks left behind, so benchmarks can
+    replay it under other settings."""
     turns, scores = list(turns), list(scores)
     count_array = counts.array() if counts is not None else None
     if voices is not None:
@@ -424,6 +438,9 @@ def finish_turns(turns: Sequence[Turn], scores: Sequence[float], voices: VoiceTr
     if counts is not None:
         turns, scores = resegment(turns, scores, count_array, counts.frame_rate, settings.speech_threshold,
                                   settings.overlap_threshold)
+    if segmentation is not None and settings.nonspeech_threshold is not None:
+        turns, scores = remove_silence(turns, scores, segmentation.array(), segmentation.frame_rate,
+                                       settings.nonspeech_threshold)
     turns, scores = stitch(turns, scores, 2 * time_resolution)
     # A turn shorter than two time bins is an artefact (e.g. a turn started in a chunk's last bin).
     kept = [i for i, turn in enumerate(turns) if turn.end - turn.start >= 2 * time_resolution - 1e-9]
@@ -508,6 +525,7 @@ class Diarizer:
         self.geometry = PromptGeometry.of(model, training_config or {})
         self.decode_fn = decode_fn
         self.voice_function = voice_function or model_voice_function(model)
+        self.count_function = model_count_function(model)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "Diarizer":
@@ -638,6 +656,8 @@ class Diarizer:
                 results = self.decode_fn(self.model, [inputs[i][0] for i in indices], [inputs[i][1] for i in indices],
                                  options_of[indices[0]])
                 for i, result in zip(indices, results):
+                    if self.count_function is not None:
+                        ready[i].add_segmentation(self.count_function, self.model.config.frame_rate)
                     ready[i].absorb(result.turns, result.scores, result.speaker_counts, self.model.config.frame_rate)
                     if self.voice_function is not None:
                         ready[i].add_voices(self.voice_function, self.model.config.frame_rate)
@@ -681,6 +701,22 @@ def model_voice_function(model: DiarizationModel) -> VoiceFunction | None:
             return front_end.voice_track(torch.from_numpy(audio).to(device)).float().cpu().numpy()
 
     return voices
+
+
+def model_count_function(model: DiarizationModel) -> CountFunction | None:
+    """segmentation-3.0's speaker counts as a function of audio, if the model's front end runs it
+    (`campplus_segmentation`); without them, speech is not cut where that network hears none."""
+    front_end = getattr(model, "front_end", None)
+    if not hasattr(front_end, "segment"):
+        return None
+    device = next(model.parameters()).device
+
+    def counts(audio: np.ndarray) -> np.ndarray:
+        samples = torch.from_numpy(np.ascontiguousarray(audio)).to(device)
+        frames = int(front_end.num_frames(torch.tensor([len(audio)]))[0])
+        return powerset_counts(front_end.segment(samples, frames).cpu().numpy())
+
+    return counts
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -812,6 +848,11 @@ def add_resegment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap-threshold", type=probability_arg, default=OVERLAP_THRESHOLD, metavar="PROBABILITY",
                         help="add the nearest other speaker where the overlap head gives two or more speakers at "
                              f"least this probability and one is written (default {OVERLAP_THRESHOLD:g}; off)")
+    parser.add_argument("--nonspeech-threshold", type=probability_arg, default=NONSPEECH_THRESHOLD,
+                        metavar="PROBABILITY",
+                        help="cut written turns where segmentation-3.0 gives no speech at least this probability "
+                             "(models with the campplus_segmentation front end; default "
+                             f"{'off' if NONSPEECH_THRESHOLD is None else f'{NONSPEECH_THRESHOLD:g}'}; off)")
 
 
 def probability_arg(value: str) -> float | None:
@@ -843,6 +884,7 @@ def run(args: argparse.Namespace) -> int:
                                    max_speakers=args.max_speakers, exclusive=args.exclusive,
                                    merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
                                    speech_threshold=args.speech_threshold, overlap_threshold=args.overlap_threshold,
+                                   nonspeech_threshold=args.nonspeech_threshold,
                                    decoding=decoding)
     if args.threads < 1 or args.batch_size < 1 or args.workers < 1:
         raise NanodrzError("--threads, --batch-size and --workers must be at least 1")

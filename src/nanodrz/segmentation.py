@@ -68,7 +68,7 @@ class FrameTrack:
     def speaker_count(self) -> np.ndarray:
         """(frames, 3) probability of 0, 1 and 2 simultaneous speakers (permutation-free, unlike the
         local-speaker classes)."""
-        return np.stack([self.powerset[:, 0], self.powerset[:, 1:4].sum(1), self.powerset[:, 4:].sum(1)], axis=1)
+        return powerset_counts(self.powerset)
 
     def centres(self) -> np.ndarray:
         return self.first_centre + self.step * np.arange(len(self.powerset))
@@ -96,6 +96,11 @@ class FrameTrack:
         nearest = np.clip(np.round((centres - self.first_centre) / self.step).astype(int), 0, len(self.powerset) - 1)
         values = np.where(span > 1e-9, np.stack(columns, 1) / np.maximum(span, 1e-9), self.powerset[nearest])
         return FrameTrack(values.astype(np.float32), 1.0 / frame_rate, 0.0)
+
+
+def powerset_counts(powerset: np.ndarray) -> np.ndarray:
+    """(frames, 7) powerset posteriors -> (frames, 3) probability of 0, 1 and 2 simultaneous speakers."""
+    return np.stack([powerset[:, 0], powerset[:, 1:4].sum(1), powerset[:, 4:].sum(1)], axis=1)
 
 
 def checkpoint_path() -> Path:

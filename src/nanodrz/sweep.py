@@ -755,6 +755,7 @@ def run(args: argparse.Namespace) -> int:
     model_path = args.model if args.model is not None else SHIPPED_MODEL
     settings = DiarizationSettings(merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
                                    speech_threshold=args.speech_threshold, overlap_threshold=args.overlap_threshold,
+                                   nonspeech_threshold=args.nonspeech_threshold,
                                    decoding=DecodingOptions(eos_penalty=args.eos_penalty))
     systems = {OURS: nanodrz_runner(Diarizer.from_pretrained(args.model, args.device), args.batch_size, settings)}
     if baselines:
@@ -779,6 +780,7 @@ def run(args: argparse.Namespace) -> int:
         "refine_passes": args.refine_passes,
         "speech_threshold": "off" if args.speech_threshold is None else args.speech_threshold,
         "overlap_threshold": "off" if args.overlap_threshold is None else args.overlap_threshold,
+        "nonspeech_threshold": "off" if args.nonspeech_threshold is None else args.nonspeech_threshold,
         "torch_threads": torch.get_num_threads(),
         "systems": list(systems),
         "bank": str(bank.root) if bank is not None else None,
