@@ -26,12 +26,12 @@ import numpy as np
 from nanodrz.annotation import Turn
 from nanodrz.relabel import speech_seconds
 
-# Chosen on validation speakers: benchmarks/results/resegmentation.md.
+# Chosen on validation speakers for model v2: benchmarks/results/pipeline_settings.md.
 SPEECH_THRESHOLD = 0.5
-OVERLAP_THRESHOLD = 0.8
+OVERLAP_THRESHOLD = 0.7
 # Cut written speech where segmentation-3.0 (front end `campplus_segmentation`) gives no speech at least this
 # probability; None = off. Chosen on validation speakers: benchmarks/results/pipeline_settings.md.
-NONSPEECH_THRESHOLD: float | None = None
+NONSPEECH_THRESHOLD: float | None = 0.7
 MIN_GAP_SECONDS = 0.1
 MIN_SPEECH_SECONDS = 0.1
 MIN_OVERLAP_SECONDS = 0.12
