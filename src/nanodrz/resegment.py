@@ -26,11 +26,13 @@ import numpy as np
 from nanodrz.annotation import Turn
 from nanodrz.relabel import speech_seconds
 
-# Chosen on validation speakers for model v2: benchmarks/results/pipeline_settings.md.
+# Chosen on validation speakers for the default model (v1): benchmarks/results/resegmentation.md. Model v2
+# (models/v2_segmentation.safetensors) takes overlap 0.7: benchmarks/results/pipeline_settings.md.
 SPEECH_THRESHOLD = 0.5
-OVERLAP_THRESHOLD = 0.7
-# Cut written speech where segmentation-3.0 (front end `campplus_segmentation`) gives no speech at least this
-# probability; None = off. Chosen on validation speakers: benchmarks/results/pipeline_settings.md.
+OVERLAP_THRESHOLD = 0.8
+# Cut written speech where segmentation-3.0 gives no speech at least this probability; None = off. Only models
+# with the `campplus_segmentation` front end (model v2) run it; chosen on validation speakers for model v2:
+# benchmarks/results/pipeline_settings.md.
 NONSPEECH_THRESHOLD: float | None = 0.7
 MIN_GAP_SECONDS = 0.1
 MIN_SPEECH_SECONDS = 0.1
