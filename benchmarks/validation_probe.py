@@ -7,13 +7,15 @@ tokens before them; then the greedy DER that training's validation reports (`tra
 whose letters are poor under teacher forcing cannot tell voices apart; one whose letters are good there
 but whose DER is poor drifts when it reads its own output.
 
-    .venv/bin/python benchmarks/validation_probe.py configs/small_span.yaml MODEL.safetensors [...]
+    .venv/bin/python benchmarks/validation_probe.py configs/small_span.yaml MODEL.safetensors [...] \
+        [--set data.bank=data/bank --set data.validation.eos_penalty=2]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from nanodrz.errors import NanodrzError
 from nanodrz.examples import collate, example_item
 from nanodrz.features import bf16_is_fast
 from nanodrz.paths import default_bank_dir
-from nanodrz.train import Config, validate, validation_examples
+from nanodrz.train import Config, validate, validation_examples, validation_options
 
 KINDS = ("time", "letter", "eos")
 
@@ -70,19 +72,22 @@ def main() -> int:
     parser.add_argument("config", help="training config whose validation set to use")
     parser.add_argument("models", nargs="+", help="checkpoints (.safetensors)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the training config, e.g. data.validation.eos_penalty=2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
-        config = load_config(Config, args.config, [])
+        config = load_config(Config, args.config, args.set)
         for path in args.models:
             model = load_model(path).eval()
-            sets = validation_examples(config, default_bank_dir(), model.tokenizer)
+            sets = validation_examples(config, Path(config.data.bank) if config.data.bank else default_bank_dir(),
+                                       model.tokenizer)
             validation = config.data.validation
             print(f"{path}")
             for (name, kind), (count, loss, accuracy) in probe(model, sets, validation.batch_size).items():
                 print(f"  {name:8s} {kind:6s} tokens {count:5d}  loss {loss:.3f}  accuracy {accuracy:.3f}")
-            metrics = validate(model, sets, validation.batch_size, validation.max_triples, torch.device("cpu"),
-                               bf16_autocast)
+            metrics = validate(model, sets, validation.batch_size, validation_options(validation),
+                               torch.device("cpu"), bf16_autocast)
             print("  greedy " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in metrics.items()
                                           if key.startswith("val_der") or key == "val_prompted_ier"))
     except (NanodrzError, ValueError) as error:

@@ -70,10 +70,13 @@ class ValidationConfig:
     seed: int = 1
     batch_size: int = 8
     max_triples: int = 64
+    eos_penalty: float = DecodingOptions.eos_penalty  # the decoding the model will be used with
 
     def __post_init__(self):
         if self.conversations < 1 or self.batch_size < 1 or self.max_triples < 1:
             raise ValueError("conversations, batch_size and max_triples must be at least 1")
+        if self.eos_penalty < 0:
+            raise ValueError(f"eos_penalty must not be negative, got {self.eos_penalty:g}")
 
 
 @dataclass
@@ -320,7 +323,7 @@ def check_resume_compatible(checkpoint_config: dict[str, Any], config: Config) -
 
 # --- validation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size: int, max_triples: int,
+def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size: int, options: DecodingOptions,
              device: torch.device, autocast: Any) -> dict[str, float]:
     """Loss (teacher forcing) and DER of greedy decoding (collar 0, overlap scored, scored over the
     chunk only), over all validation examples and per preset.
@@ -338,7 +341,6 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
 
     model.eval()
     tokenizer = model.tokenizer
-    options = DecodingOptions(max_triples=max_triples)
     total = DiarizationErrorRate(collar=0.0, skip_overlap=False)
     prompted = IdentificationErrorRate(collar=0.0, skip_overlap=False)
     loss_sum, weight_sum = 0.0, 0.0
@@ -638,7 +640,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
             if step % config.train.eval_interval == 0 or step == config.train.steps:
                 if env.main:
                     metrics = validate(model, validation, config.data.validation.batch_size,
-                                       config.data.validation.max_triples, env.device, autocast)
+                                       validation_options(config.data.validation), env.device, autocast)
                     log.write({"step": step, **metrics})
                     last_record = {**last_record, **metrics}
                     tqdm.write(f"step {step}: val loss {metrics['val_loss']:.4f}, val DER {100 * metrics['val_der']:.2f}%")
@@ -676,6 +678,10 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return last_record
+
+
+def validation_options(validation: ValidationConfig) -> DecodingOptions:
+    return DecodingOptions(max_triples=validation.max_triples, eos_penalty=validation.eos_penalty)
 
 
 def validation_examples(config: Config, bank_root: Path, tokenizer: Tokenizer,
