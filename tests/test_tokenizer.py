@@ -4,7 +4,7 @@ import pytest
 from nanodrz.annotation import Turn
 from nanodrz.config import from_dict
 from nanodrz.errors import NanodrzError
-from nanodrz.tokenizer import Tokenizer, TokenizerConfig
+from nanodrz.tokenizer import NOISE_SPEAKER, Tokenizer, TokenizerConfig, letter, letter_index
 
 
 @pytest.fixture
@@ -68,6 +68,34 @@ def test_noise_turns_are_labelled_and_dropped(tok):
 
 def test_degenerate_turns_are_dropped(tok):
     assert tok.decode(tok.encode([], [Turn(1.0, 1.005, "x"), Turn(2.0, 1.0, "y")]).tokens) == []
+
+
+def test_letters_go_past_z_and_back():
+    assert [letter(i) for i in (0, 1, 25, 26, 27, 51, 52, 701, 702)] == \
+        ["A", "B", "Z", "AA", "AB", "AZ", "BA", "ZZ", "AAA"]
+    assert all(letter_index(letter(i)) == i for i in range(2000))
+    assert [letter_index(label) for label in ("", "a", "A1", "SPEAKER_01")] == [None] * 4
+    with pytest.raises(ValueError):
+        letter(-1)
+
+
+def test_turns_carry_label_probabilities_and_optionally_noise(tok):
+    encoded = tok.encode([Turn(0.0, 1.0, "p")], [Turn(2.0, 3.0, "x"), Turn(4.0, 5.0, "p")], noise=[(1.5, 1.8)])
+    answer = encoded.tokens[encoded.tokens.index(tok.PROMPT_END) + 1:]
+    probabilities = [0.5] * (len(encoded.tokens) - len(answer)) + [index / 100 for index in range(len(answer))]
+    turns, scores = tok.turns(encoded.tokens, probabilities)
+    assert turns == [Turn(2.0, 3.0, "B"), Turn(4.0, 5.0, "A")] and scores == [0.05, 0.08]
+    turns, scores = tok.turns(answer + [tok.EOS, *answer], keep_noise=True)
+    assert turns == [Turn(1.5, 1.8, NOISE_SPEAKER), Turn(2.0, 3.0, "B"), Turn(4.0, 5.0, "A")]
+    assert scores == [1.0, 1.0, 1.0]
+    assert tok.decode(encoded.tokens) == tok.turns(encoded.tokens)[0]
+
+
+def test_speaker_tokens_need_a_letter_of_the_tokenizer(tok):
+    assert tok.letter_of(tok.speaker_token("D")) == "D"
+    for label in ("E", "AA", "a", "NOISE"):
+        with pytest.raises(NanodrzError, match="letters of the tokenizer"):
+            tok.speaker_token(label)
 
 
 def test_too_many_speakers(tok):

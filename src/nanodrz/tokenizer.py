@@ -21,11 +21,15 @@ model must produce is exactly the order the grammar in `decoding.py` enforces.
 
 NOISE (optional) labels the fake turns of Pix2Seq sequence augmentation: the model learns to label
 junk rather than avoid writing it, and turns it labels NOISE are dropped when decoding.
+
+Letters are this module's to hand out: `letter` and `letter_index` are the only arithmetic on them,
+and `Tokenizer.turns` the only reading of token sequences back into turns.
 """
 
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -34,7 +38,31 @@ from nanodrz.config import from_dict
 from nanodrz.errors import NanodrzError
 
 TOKENIZER_VERSION = 1
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = string.ascii_uppercase
+NOISE_SPEAKER = "NOISE"  # the speaker of NOISE-labelled turns, where they are kept
+
+
+def letter(index: int) -> str:
+    """Speaker letter number `index` from 0: A ... Z, then AA, AB, ... (as spreadsheet columns), so a
+    recording can have more speakers than one chunk's single letters and still be labelled by letters."""
+    if index < 0:
+        raise ValueError(f"letter index must not be negative, got {index}")
+    label = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, len(LETTERS))
+        label = LETTERS[rest] + label
+    return label
+
+
+def letter_index(label: str) -> int | None:
+    """The number of a speaker letter (A = 0, Z = 25, AA = 26), or None for a label that is not one."""
+    if not label or any(character not in LETTERS for character in label):
+        return None
+    index = 0
+    for character in label:
+        index = index * len(LETTERS) + LETTERS.index(character) + 1
+    return index - 1
 
 
 @dataclass
@@ -94,14 +122,14 @@ class Tokenizer:
     def is_time(self, token: int) -> bool:
         return self.time_offset <= token < self.speaker_offset
 
-    def speaker_token(self, letter: str) -> int:
-        index = LETTERS.index(letter)
-        if index >= self.num_speakers:
-            raise NanodrzError(f"speaker letter {letter} exceeds the {self.num_speakers} speakers of the tokenizer")
+    def speaker_token(self, label: str) -> int:
+        index = letter_index(label)
+        if index is None or index >= self.num_speakers:
+            raise NanodrzError(f"speaker {label!r} is not one of the {self.num_speakers} letters of the tokenizer")
         return self.speaker_offset + index
 
     def letter_of(self, token: int) -> str:
-        return LETTERS[token - self.speaker_offset]
+        return letter(token - self.speaker_offset)
 
     def is_speaker(self, token: int) -> bool:
         return self.speaker_offset <= token < self.vocab_size
@@ -120,7 +148,7 @@ class Tokenizer:
         order = list(dict.fromkeys(speaker for _, _, speaker in prompt_triples + answer_triples))
         if len(order) > self.num_speakers:
             raise NanodrzError(f"{len(order)} speakers in one example, but the tokenizer has {self.num_speakers}")
-        letters = {speaker: LETTERS[i] for i, speaker in enumerate(order)}
+        letters = {speaker: letter(i) for i, speaker in enumerate(order)}
         tokens = [self.START]
         for start, end, speaker in sorted(prompt_triples, key=lambda t: (t[0], t[1], letters[t[2]])):
             tokens += [start, end, self.speaker_token(letters[speaker])]
@@ -150,24 +178,39 @@ class Tokenizer:
 
     # --- decoding ------------------------------------------------------------------------------
     def decode(self, tokens: Sequence[int]) -> list[Turn]:
-        """Turns (speaker = letter) from the answer part of a token sequence.
+        """Turns (speaker = letter) from the answer part of a token sequence; see `turns`."""
+        return self.turns(tokens)[0]
 
-        Accepts a full sequence (everything up to PROMPT_END is skipped) or just generated tokens;
-        stops at EOS; drops NOISE-labelled triples and malformed ones (end before start, wrong slot).
+    def turns(self, tokens: Sequence[int], probabilities: Sequence[float] | None = None,
+              keep_noise: bool = False) -> tuple[list[Turn], list[float]]:
+        """Turns (speaker = letter) of the answer part of a token sequence, and the probability of each
+        turn's label token (`probabilities`, one per token; 1.0 where not given) as its score.
+
+        Accepts a full sequence (everything up to PROMPT_END is skipped) or just generated tokens; stops
+        at EOS; drops malformed triples (end not after start, a token in the wrong slot), and NOISE-labelled
+        ones unless `keep_noise` (then their speaker is NOISE_SPEAKER).
         """
         tokens = list(tokens)
-        if self.PROMPT_END in tokens:
-            tokens = tokens[tokens.index(self.PROMPT_END) + 1:]
+        probabilities = [1.0] * len(tokens) if probabilities is None else list(probabilities)
+        first = tokens.index(self.PROMPT_END) + 1 if self.PROMPT_END in tokens else 0
+        tokens, probabilities = tokens[first:], probabilities[first:]
         if self.EOS in tokens:
-            tokens = tokens[:tokens.index(self.EOS)]
-        turns = []
+            end = tokens.index(self.EOS)
+            tokens, probabilities = tokens[:end], probabilities[:end]
+        turns, scores = [], []
         for i in range(0, len(tokens) - 2, 3):
             start, end, label = tokens[i:i + 3]
             if not (self.is_time(start) and self.is_time(end) and end > start):
                 continue
             if self.is_speaker(label):
-                turns.append(Turn(round(self.time_of(start), 6), round(self.time_of(end), 6), self.letter_of(label)))
-        return turns
+                speaker = self.letter_of(label)
+            elif label == self.noise and keep_noise:
+                speaker = NOISE_SPEAKER
+            else:
+                continue
+            turns.append(Turn(round(self.time_of(start), 6), round(self.time_of(end), 6), speaker))
+            scores.append(probabilities[i + 2])
+        return turns, scores
 
     # --- checkpoint compatibility --------------------------------------------------------------
     def spec(self) -> dict:
