@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanodrz.annotation import read_rttm
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.baseline import PyannoteBaseline, PyannoteSettings, read_mono
-from nanodrz.evaluate import score
+from nanodrz.evaluate import load_turns, score
 
 DEFAULT_GRID = "0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8"
 
@@ -40,10 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     grid = [float(value) for value in args.grid.split(",")]
     layers = args.embedding_layers.split(",")
-    references = {folder.name: {} for folder in args.sets}
-    for folder in args.sets:
-        for rttm in sorted(folder.glob("*.rttm")):
-            references[folder.name].update(read_rttm(rttm))
+    references = {folder.name: load_turns(folder, "reference") for folder in args.sets}
     ders = {}
     for layer in layers:
         baseline = PyannoteBaseline(PyannoteSettings(embedding_layer=layer))

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from nanodrz.annotation import read_rttm
 from nanodrz.audio import load_audio
+from nanodrz.evaluate import load_turns
 from nanodrz.features import WindowedSpeakerFrontEnd
 
 PAIRS = 3000
@@ -64,9 +64,10 @@ def main() -> int:
         if not wavs:
             print(f"voice_separability: no .wav files in {folder}", file=sys.stderr)
             return 2
+        references = load_turns(folder, "reference")
         scores: dict[tuple[float, str], list[float]] = {}
         for wav in wavs:
-            turns = next(iter(read_rttm(wav.with_suffix(".rttm")).values()))
+            turns = references[wav.stem]
             features = front_ends[windows[0]].encode(torch.from_numpy(load_audio(wav)))
             for window, front_end in front_ends.items():
                 embeddings = front_end.window_embeddings(features)

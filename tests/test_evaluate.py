@@ -132,7 +132,8 @@ def test_cli_prints_aligned_table_and_writes_json(tmp_path, monkeypatch, capsys)
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_ref", "missing_hyp", "malformed_rttm", "empty_dir", "no_speaker_lines", "bad_uem", "uem_lacks_file", "negative_collar"],
+    ["missing_ref", "missing_hyp", "malformed_rttm", "empty_dir", "no_speaker_lines", "bad_uem", "binary_uem",
+     "backwards_uem", "uem_lacks_file", "negative_collar"],
 )
 def test_bad_inputs_are_one_line_errors_with_status_2(case, tmp_path, monkeypatch, capsys):
     ref, hyp = tmp_path / "ref.rttm", tmp_path / "hyp.rttm"
@@ -152,6 +153,12 @@ def test_bad_inputs_are_one_line_errors_with_status_2(case, tmp_path, monkeypatc
         ref.write_text("just some text\n")
     elif case == "bad_uem":
         (tmp_path / "u.uem").write_text("f 1 10.0\n")
+        extra = ["--uem", str(tmp_path / "u.uem")]
+    elif case == "binary_uem":
+        (tmp_path / "u.uem").write_bytes(b"f 1 0.0 10.0\n\0\1")
+        extra = ["--uem", str(tmp_path / "u.uem")]
+    elif case == "backwards_uem":
+        (tmp_path / "u.uem").write_text("f 1 10.0 5.0\n")
         extra = ["--uem", str(tmp_path / "u.uem")]
     elif case == "uem_lacks_file":
         (tmp_path / "u.uem").write_text("other 1 0.0 10.0\n")

@@ -1,6 +1,8 @@
 """The plain data model at module borders: a speech `Turn`, and conversions to pyannote and RTTM.
 
-`pyannote.core.Annotation` is the public interchange type; RTTM is the file format.
+`pyannote.core.Annotation` is the public interchange type; RTTM is the file format. `record_lines`
+and `record_times` read the lines of NIST text files, so RTTM and UEM (`evaluate.read_uem`) files are
+refused for the same reasons with the same messages.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from pyannote.core import Annotation, Segment
 
@@ -78,27 +80,39 @@ def write_rttm(path: str | Path, turns_by_uri: dict[str, list[Turn]]) -> None:
 
 def read_rttm(path: str | Path) -> dict[str, list[Turn]]:
     """Read an RTTM file into {uri: turns}; malformed lines are a one-line error naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanodrzError(f"RTTM file not found: {path}")
-    raw = path.read_bytes()
-    if b"\0" in raw:
-        raise NanodrzError(f"{path}: not an RTTM file (binary content)")
     result: dict[str, list[Turn]] = {}
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        fields = line.split()
-        if not fields or fields[0].startswith((";", "#")):
-            continue
+    for where, fields in record_lines(path, "RTTM"):
         if not RTTM_TYPE.fullmatch(fields[0]) or len(fields) < 8:
-            raise NanodrzError(f"{path}:{number}: not an RTTM line (expected 'SPEAKER file 1 start duration "
+            raise NanodrzError(f"{where}: not an RTTM line (expected 'SPEAKER file 1 start duration "
                                "<NA> <NA> speaker <NA> <NA>')")
         if fields[0] != "SPEAKER":  # SPKR-INFO, LEXEME, NON-SPEECH, ...: not turns
             continue
-        try:
-            start, duration = float(fields[3]), float(fields[4])
-        except ValueError:
-            raise NanodrzError(f"{path}:{number}: start/duration are not numbers") from None
-        if not (math.isfinite(start) and math.isfinite(duration)) or start < 0 or duration < 0:
-            raise NanodrzError(f"{path}:{number}: negative or non-finite time")
+        start, duration = record_times(where, fields[3], fields[4], "start/duration")
         result.setdefault(fields[1], []).append(Turn(start, start + duration, fields[7]))
     return {uri: sort_turns(turns) for uri, turns in result.items()}
+
+
+def record_lines(path: str | Path, kind: str) -> Iterator[tuple[str, list[str]]]:
+    """("file:line", fields) of each line of a NIST text file (RTTM, UEM) that is not blank or a comment;
+    a missing or binary file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanodrzError(f"{kind} file not found: {path}")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise NanodrzError(f"{path}: not an {kind} file (binary content)")
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        fields = line.split()
+        if fields and not fields[0].startswith((";", "#")):
+            yield f"{path}:{number}", fields
+
+
+def record_times(where: str, first: str, second: str, names: str) -> tuple[float, float]:
+    """Two times of a record line, each a finite number of seconds >= 0, or a one-line error at `where`."""
+    try:
+        values = float(first), float(second)
+    except ValueError:
+        raise NanodrzError(f"{where}: {names} are not numbers") from None
+    if not all(math.isfinite(value) and value >= 0 for value in values):
+        raise NanodrzError(f"{where}: {names} must be finite and not negative, got {first} {second}")
+    return values

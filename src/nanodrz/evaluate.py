@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 from pyannote.core import Annotation, Segment, Timeline
 from pyannote.metrics.diarization import DiarizationErrorRate, JaccardErrorRate
 
-from nanodrz.annotation import Turn, read_rttm, to_annotation
+from nanodrz.annotation import Turn, read_rttm, record_lines, record_times, to_annotation
 from nanodrz.errors import NanodrzError
 from nanodrz.fileio import check_writable, write_json
 
@@ -258,22 +258,13 @@ def load_turns(path: str | Path, role: str) -> dict[str, list[Turn]]:
 
 def read_uem(path: str | Path) -> Uem:
     """Read a UEM file (lines: file-id channel start end) into {file id: [(start, end), ...]}."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanodrzError(f"UEM file not found: {path}")
     result: Uem = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        fields = line.split()
-        if not fields or fields[0].startswith((";", "#")):
-            continue
+    for where, fields in record_lines(path, "UEM"):
         if len(fields) != 4:
-            raise NanodrzError(f"{path}:{number}: UEM line has {len(fields)} fields, expected 4 (file-id channel start end)")
-        try:
-            start, end = float(fields[2]), float(fields[3])
-        except ValueError:
-            raise NanodrzError(f"{path}:{number}: start/end are not numbers") from None
-        if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < start:
-            raise NanodrzError(f"{path}:{number}: need 0 <= start <= end, got {start} {end}")
+            raise NanodrzError(f"{where}: UEM line has {len(fields)} fields, expected 4 (file-id channel start end)")
+        start, end = record_times(where, fields[2], fields[3], "start/end")
+        if end < start:
+            raise NanodrzError(f"{where}: need start <= end, got {start} {end}")
         result.setdefault(fields[0], []).append((start, end))
     if not result:
         raise NanodrzError(f"UEM file has no entries: {path}")
