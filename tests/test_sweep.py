@@ -26,7 +26,9 @@ from nanodrz.evaluate import label_consistency, score
 from nanodrz.simulate import load_preset
 from nanodrz.bank import Bank
 from nanodrz.simulate import conversation_rng, simulate_conversation
-from nanodrz.sweep import AXES, BASE_OVERRIDES, BASE_PRESET, CONSISTENCY_WINDOW, NOISE_SETS, file_count, plan_groups
+from nanodrz.sweep import AXES, BASE_OVERRIDES, BASE_PRESET, NOISE_SETS, plan_groups
+from nanodrz.sweep_runs import CONSISTENCY_WINDOW
+from nanodrz.sweep_sets import file_count
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "pyannote-sample"
 FRAME_SECONDS = 0.04

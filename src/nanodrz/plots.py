@@ -1,4 +1,5 @@
-"""Pictures that say more than tables: speaker timelines of one or more annotations of a recording."""
+"""Pictures that say more than tables: speaker timelines of one or more annotations of a recording, and
+the DER curves of `nanodrz sweep`."""
 
 from __future__ import annotations
 
@@ -35,6 +36,38 @@ def plot_timeline(rows: dict[str, Sequence[Turn]], path: str | Path, title: str 
         axes[0, 0].set_title(title)
     fig.tight_layout()
     path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep_group(group: dict, systems: list[str], path: Path) -> None:
+    """DER of every system along one group of `nanodrz sweep` (a results.json group): against the axis points
+    (collar 0 solid, 0.25 dashed), or as bars per set; false alarm per minute for the noise group."""
+    rows = group["rows"]
+    labels = [row["name"] for row in rows]
+    fig, axis = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2) + 2.0, 3.6))
+    palette = plt.get_cmap("tab10")
+    for index, system in enumerate(systems):
+        der0 = [100 * row["systems"][system]["total"]["der"][0]["der"] for row in rows]
+        der25 = [100 * row["systems"][system]["total"]["der"][1]["der"] for row in rows]
+        if group["kind"] == "noise":
+            der0 = [row["systems"][system]["false_alarm_per_minute"] for row in rows]
+        if group["kind"] == "axis":
+            axis.plot(labels, der0, "o-", color=palette(index), label=f"{system} (collar 0)")
+            axis.plot(labels, der25, "o--", color=palette(index), alpha=0.6, label=f"{system} (collar 0.25 s)")
+        else:
+            width = 0.8 / len(systems)
+            positions = [i + (index - (len(systems) - 1) / 2) * width for i in range(len(rows))]
+            axis.bar(positions, der0, width, color=palette(index), label=f"{system} (collar 0)")
+            axis.set_xticks(range(len(rows)), labels)
+    axis.set_xlabel(group["title"])
+    axis.set_ylabel("false alarm s/min" if group["kind"] == "noise" else "DER %")
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axis.set_title(f"{'False alarm' if group['kind'] == 'noise' else 'DER'}: {group['title'].lower()}")
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
