@@ -30,7 +30,7 @@ import soundfile as sf
 
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.bank import Bank
-from nanodrz.diarize import SHIPPED_MODEL
+from nanodrz.pipeline import SHIPPED_MODEL
 from nanodrz.paths import default_bank_dir
 from nanodrz.simulate import conversation_rng, load_preset, simulate_conversation
 
@@ -53,7 +53,7 @@ def peak_rss_mb() -> float:
 def measure(model: Path, audio: Path, cores: int, threads: int) -> dict:
     """Run in the child process: load, warm up, diarize `audio` once, timed."""
     pin(cores, threads)
-    from nanodrz.diarize import Diarizer
+    from nanodrz.pipeline import Diarizer
 
     started = time.perf_counter()
     diarizer = Diarizer.from_pretrained(model)

@@ -30,7 +30,7 @@ import numpy as np
 
 from diarize_speed import test_voices
 from nanodrz.audio import write_audio
-from nanodrz.diarize import SHIPPED_MODEL
+from nanodrz.pipeline import SHIPPED_MODEL
 from nanodrz.simulate import conversation_rng, load_preset, simulate_conversation
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from nanodrz.checkpoint import load_checkpoint
-from nanodrz.diarize import SHIPPED_MODEL
+from nanodrz.pipeline import SHIPPED_MODEL
 
 
 def nanodrz(*arguments: str | Path) -> None:

@@ -8,7 +8,6 @@ prompting and stitching logic under test.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -19,7 +18,11 @@ import soundfile as sf
 from nanodrz.annotation import Turn, from_annotation, read_rttm
 from nanodrz.cli import main
 from nanodrz.decoding import DecodingResult
-from nanodrz.diarize import DiarizationSettings, Diarizer, exclusive, iter_chunks, letter_label, stitch
+from nanodrz.longform import iter_chunks
+from nanodrz.outputs import exclusive
+from nanodrz.params import DiarizationSettings, PipelineParams
+from nanodrz.pipeline import Diarizer
+from nanodrz.postprocess.stitch import stitch
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 
 SR = 16000
@@ -95,6 +98,16 @@ class ToneModel:
         return self
 
 
+# Every rule that re-decides labels by voice, off: the labels the decoder wrote, stitched.
+NO_VOICE_RULES = {"merge.threshold": None, "refine.passes": 0, "split.two_voice_cosine": None,
+                  "split.same_voice_cosine": None, "absorb.min_label_seconds": 0.0}
+
+
+def changed(changes: dict) -> PipelineParams:
+    """The default parameters with dotted `changes`."""
+    return PipelineParams().with_values(changes)
+
+
 def tone_diarizer(chunk=6.0, max_seconds=12.0, clips=(1.0, 2.0), max_prompt_speakers=4) -> Diarizer:
     config = {"data": {"examples": {"chunk_seconds": [3.0, chunk], "prompt_clip_seconds": list(clips),
                                     "max_prompt_speakers": max_prompt_speakers}}}
@@ -135,8 +148,7 @@ def test_more_speakers_than_prompt_slots_prompts_the_most_recent_and_merging_res
                  (15.0, 17.0, 3), (19.0, 21.0, 0)]
     diarizer = tone_diarizer(chunk=6.0, max_seconds=12.0, clips=(1.0, 2.0), max_prompt_speakers=2)
     audio = tone_audio(reference, 24.0)
-    raw = DiarizationSettings(merge_threshold=float("inf"), refine_passes=0)
-    seen = labels_by_voice(from_annotation(diarizer(audio, raw)), reference)
+    seen = labels_by_voice(from_annotation(diarizer(audio, params=changed(NO_VOICE_RULES))), reference)
     # Recently active voices keep their labels across chunks ...
     assert seen[2] == {"C"} and seen[3] == {"D"}
     # ... and a voice pushed out of the prompt comes back under a new label ...
@@ -174,7 +186,7 @@ def test_voice_refinement_splits_a_turn_that_runs_over_a_change_of_voice():
     diarizer = tone_diarizer(chunk=6.0)
     diarizer.decode_fn = sloppy_tone_decode
     audio = tone_audio(reference, 8.0)
-    unrefined = from_annotation(diarizer(audio, DiarizationSettings(refine_passes=0)))
+    unrefined = from_annotation(diarizer(audio, params=changed({"refine.passes": 0})))
     assert [(t.speaker, t.start, t.end) for t in unrefined] == [("A", 0.5, 4.5), ("B", 5.0, 7.0)]
     refined = from_annotation(diarizer(audio))
     assert [t.speaker for t in refined] == ["A", "B", "B"]
@@ -203,7 +215,7 @@ def test_overlap_the_decoder_missed_is_added_from_the_overlap_head():
     audio = tone_audio([(0.5, 3.0, 0), (5.5, 7.5, 0)], 8.0) + 0.5 * tone_audio([(2.5, 5.0, 1)], 8.0)
     diarizer = tone_diarizer(chunk=6.0)
     diarizer.decode_fn = counting_tone_decode
-    written = from_annotation(diarizer(audio, DiarizationSettings(overlap_threshold=None)))
+    written = from_annotation(diarizer(audio, params=changed({"resegment.overlap_threshold": None})))
     assert not any(a.end > b.start for a, b in zip(written, written[1:]))
     turns = from_annotation(diarizer(audio))
     by_speaker = {label: [(t.start, t.end) for t in turns if t.speaker == label] for label in "AB"}
@@ -227,7 +239,7 @@ def test_one_label_over_two_close_voices_is_split_when_the_overlap_head_hears_bo
     diarizer.decode_fn = one_letter_decode
     diarizer.voice_function = lambda audio: tone_voices(audio) @ mixing
     audio = tone_audio([(0.5, 4.0, 0), (2.8, 7.5, 1)], 8.0)
-    assert {t.speaker for t in from_annotation(diarizer(audio, DiarizationSettings(overlap_threshold=None)))} == {"A"}
+    assert {t.speaker for t in from_annotation(diarizer(audio, params=changed({"resegment.overlap_threshold": None})))} == {"A"}
     assert {t.speaker for t in from_annotation(diarizer(audio, DiarizationSettings(max_speakers=1)))} == {"A"}
     turns = from_annotation(diarizer(audio))
     assert {t.speaker for t in turns} == {"A", "B"}
@@ -247,10 +259,13 @@ def test_chunk_outputs_replay_the_post_processing_under_any_settings():
     recordings = [("tones", tone_audio(reference, 16.0)), ("silent", np.zeros(SR, dtype=np.float32))]
     diarizer = tone_diarizer()
     replayed = dict(diarizer.chunk_outputs_many(recordings))
-    for settings in (DiarizationSettings(), DiarizationSettings(exclusive=True, merge_threshold=-1.0, refine_passes=0)):
-        [(_, direct), (_, silent)] = list(diarizer.diarize_many(recordings, settings))
-        assert replayed["tones"].finish(settings) == direct
-        assert replayed["silent"].finish(settings) == silent == []
+    for settings, params in ((DiarizationSettings(), PipelineParams()),
+                             (DiarizationSettings(exclusive=True), changed({"merge.threshold": -1.0, "refine.passes": 0}))):
+        [(_, direct), (_, silent)] = list(diarizer.diarize_many(recordings, settings, params=params))
+        turns, scores = replayed["tones"].finish(params, settings)
+        assert (exclusive(turns, scores) if settings.exclusive else turns) == direct
+        assert replayed["silent"].finish(params, settings) == ([], [])
+        assert silent == []
 
 
 def test_enrollment_names_speakers_and_unknown_voices_keep_letters():
@@ -268,10 +283,6 @@ def test_stitch_and_exclusive():
     assert flat == [Turn(0, 8, "A"), Turn(8, 9, "B")]
     for a, b in zip(flat, flat[1:]):
         assert a.end <= b.start
-
-
-def test_letter_labels_go_past_z():
-    assert [letter_label(i) for i in (0, 25, 26, 27)] == ["A", "Z", "AA", "AB"]
 
 
 def test_streamed_chunks_match_whole_file_load(tmp_path):
@@ -295,8 +306,8 @@ def test_settings_validation():
     with pytest.raises(NanodrzError):
         DiarizationSettings(min_speakers=3, max_speakers=2)
     assert DiarizationSettings(num_speakers=2).max_speakers == 2
-    with pytest.raises(NanodrzError, match="overlap-threshold"):
-        DiarizationSettings(overlap_threshold=1.5)
+    with pytest.raises(NanodrzError, match="resegment.overlap_threshold"):
+        changed({"resegment.overlap_threshold": 1.5})
 
 
 # --- the command line with a real (tiny, untrained) checkpoint ------------------------------------
@@ -373,7 +384,7 @@ def test_python_api_returns_an_annotation(tiny_checkpoint):
 def test_shipped_model_diarizes_the_example_conversation():
     from pathlib import Path
 
-    from nanodrz.diarize import SHIPPED_MODEL
+    from nanodrz.pipeline import SHIPPED_MODEL
     from nanodrz.evaluate import score
 
     assert SHIPPED_MODEL.is_file(), "the package must ship a default model"
@@ -385,15 +396,13 @@ def test_shipped_model_diarizes_the_example_conversation():
 
 
 def test_segmentation_gate_cuts_written_speech_where_segmentation_hears_none():
-    from nanodrz.diarize import finish_turns
-    from nanodrz.resegment import CountTrack
+    from nanodrz.postprocess import ChunkOutputs
+    from nanodrz.postprocess.resegment import FrameCounts
 
     probabilities = np.tile(np.array([0.0, 1.0, 0.0], dtype=np.float32), (100, 1))
     probabilities[25:50] = [0.9, 0.1, 0.0]  # 1-2 s: segmentation-3.0 hears nobody
-    segmentation = CountTrack(25.0)
-    segmentation.add(probabilities, 0.0)
-    plain = DiarizationSettings(refine_passes=0, speech_threshold=None, overlap_threshold=None)
+    outputs = ChunkOutputs((Turn(0.0, 4.0, "A"),), (1.0,), None, None, FrameCounts(probabilities, 25.0), frozenset(),
+                           0.04, loudest_dbfs=-10.0)
     for threshold, expected in ((0.8, [(0.0, 1.0), (2.0, 4.0)]), (0.95, [(0.0, 4.0)]), (None, [(0.0, 4.0)])):
-        settings = dataclasses.replace(plain, nonspeech_threshold=threshold)
-        turns, _ = finish_turns([Turn(0.0, 4.0, "A")], [1.0], None, None, settings, frozenset(), 0.04, segmentation)
+        turns, _ = outputs.finish(changed({"resegment.nonspeech_threshold": threshold}), DiarizationSettings())
         assert [(t.start, t.end) for t in turns] == [pytest.approx(e, abs=0.03) for e in expected], threshold

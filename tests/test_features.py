@@ -229,7 +229,7 @@ def test_grow_model_script_writes_step_zero_of_a_config_and_rejects_one_without_
 
 
 def test_the_voice_track_is_what_the_model_itself_sees():
-    from nanodrz.diarize import model_voice_function
+    from nanodrz.pipeline import model_voice_function
 
     model = make_span_model()
     audio = torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)])
@@ -242,7 +242,7 @@ def test_the_voice_track_is_what_the_model_itself_sees():
 
 
 def test_segmentation_counts_follow_the_front_end_frames_and_hear_no_speech_in_silence():
-    from nanodrz.diarize import model_count_function
+    from nanodrz.pipeline import model_count_function
 
     model = make_model("campplus_segmentation")
     counts = model_count_function(model)

@@ -19,11 +19,11 @@ from pyannote.core import Annotation
 from nanodrz.annotation import Turn, read_rttm
 from nanodrz.cli import main
 from nanodrz.decoding import DecodingResult
-from nanodrz.diarize import Diarizer
+from nanodrz.pipeline import Diarizer
 from nanodrz.errors import NanodrzError
 from nanodrz.outputs import diarize_output
 from nanodrz.parallel import lost_groups
-from nanodrz.relabel import VoiceTrack
+from nanodrz.postprocess.voices import VoiceTrack
 from test_diarize import TONES, labels_by_voice, tone_audio, tone_decode, tone_diarizer
 
 SR = 16000
@@ -97,9 +97,9 @@ def test_each_label_gets_one_unit_embedding_of_its_own_voice():
 
 
 def test_a_label_heard_only_in_overlap_still_gets_a_voice():
-    track = VoiceTrack(50.0)
+    track = VoiceTrack(50.0, window_seconds=1.5)
     track.add(np.tile(np.eye(3, dtype=np.float32)[[0] * 150 + [1] * 150], (1, 1)), 0.0, 6.0)
-    output = diarize_output("x", [Turn(0.0, 6.0, "A"), Turn(3.5, 5.0, "B")], [0.9, 0.5], False, track)
+    output = diarize_output("x", [Turn(0.0, 6.0, "A"), Turn(3.5, 5.0, "B")], [0.9, 0.5], False, track.voices())
     assert np.isfinite(output.speaker_embeddings).all()
     assert int(np.argmax(output.speaker_embeddings[1])) == 1
 

@@ -21,7 +21,7 @@ from nanodrz.annotation import Turn, read_rttm
 from nanodrz.audio import SAMPLE_RATE, load_audio
 from nanodrz.cli import main
 from nanodrz.decoding import DecodingResult
-from nanodrz.diarize import Diarizer
+from nanodrz.pipeline import Diarizer
 from nanodrz.evaluate import label_consistency, score
 from nanodrz.simulate import load_preset
 from nanodrz.bank import Bank

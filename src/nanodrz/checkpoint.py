@@ -1,8 +1,9 @@
 """Checkpoints: weights as safetensors, plus a safetensors sidecar with everything needed to resume exactly.
 
 `NAME.safetensors` holds the model weights and, in its metadata, the format version, the step, the
-full training config and the tokenizer spec (JSON), so a weights file alone is enough to run the model
-and to know what it is. `NAME.state.safetensors` (training checkpoints only) holds optimizer and
+full training config, the tokenizer spec and, once tuned (`nanodrz tune`), the pipeline parameters
+chosen for it (JSON), so a weights file alone is enough to run the model as it was tuned and to know
+what it is. `NAME.state.safetensors` (training checkpoints only) holds optimizer and
 scheduler state and the random generator states: its tensors as safetensors, the structure around
 them as JSON in the metadata. Neither format can run code when read: run folders get shared, and a
 pickle (`torch.load`) executes whatever its author put in it. Both are written atomically, sidecar
@@ -30,6 +31,7 @@ from nanodrz.config import from_dict
 from nanodrz.errors import NanodrzError
 from nanodrz.fileio import atomic_path
 from nanodrz.model import DiarizationModel, ModelConfig
+from nanodrz.params import PipelineParams
 from nanodrz.tokenizer import Tokenizer
 
 CHECKPOINT_FORMAT = "nanodrz-checkpoint"
@@ -45,6 +47,7 @@ class Checkpoint:
     config: dict[str, Any]
     tokenizer_spec: dict[str, Any]
     state: dict[str, Any] | None
+    pipeline: PipelineParams | None = None  # None: not tuned, `PipelineParams()` defaults
 
 
 def weights_path(path: str | Path) -> Path:
@@ -132,7 +135,7 @@ def write_state(path: Path, step: int, state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, model: DiarizationModel, step: int, config: dict[str, Any],
-                    state: dict[str, Any] | None = None) -> Path:
+                    state: dict[str, Any] | None = None, pipeline: PipelineParams | None = None) -> Path:
     """Write `path` (.safetensors) and, when `state` is given, its `.state.safetensors` sidecar.
 
     Non-finite weights are refused: they would replace a good checkpoint with a useless one.
@@ -145,9 +148,22 @@ def save_checkpoint(path: str | Path, model: DiarizationModel, step: int, config
     if state is not None:
         write_state(state_path(path), step, state)
     metadata = {**header(step), "config": json.dumps(config), "tokenizer": json.dumps(model.tokenizer.spec())}
+    if pipeline is not None:
+        metadata["pipeline"] = json.dumps(pipeline.to_dict())
     with atomic_path(path) as tmp:
         save_file(weights, str(tmp), metadata=metadata)
     return path
+
+
+def store_pipeline(path: str | Path, pipeline: PipelineParams) -> None:
+    """Rewrite a checkpoint (atomically) with `pipeline` as its tuned parameters; weights unchanged."""
+    path = weights_path(path)
+    if not path.is_file():
+        raise NanodrzError(f"no checkpoint at {path}")
+    metadata, weights = read_safetensors(path)
+    metadata["pipeline"] = json.dumps(pipeline.to_dict())
+    with atomic_path(path) as tmp:
+        save_file(weights, str(tmp), metadata=metadata)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -218,7 +234,10 @@ def load_checkpoint(path: str | Path, with_state: bool = False) -> Checkpoint:
     config = json_field(metadata, "config", dict, path)
     tokenizer_spec = json_field(metadata, "tokenizer", dict, path)
     state = load_state(path, step) if with_state else None
-    return Checkpoint(weights, step, config, tokenizer_spec, state)
+    pipeline = None
+    if "pipeline" in metadata:
+        pipeline = PipelineParams.from_dict(json_field(metadata, "pipeline", dict, path), f"{path}: pipeline")
+    return Checkpoint(weights, step, config, tokenizer_spec, state, pipeline)
 
 
 def build_model(checkpoint: Checkpoint) -> DiarizationModel:

@@ -21,6 +21,7 @@ COMMANDS = {
     "train": ("nanodrz.train", "train a model from a YAML config"),
     "diarize": ("nanodrz.diarize", "diarize recordings: RTTM / JSON / timeline plots"),
     "sweep": ("nanodrz.sweep", "difficulty study: DER along each axis, optionally against senko"),
+    "tune": ("nanodrz.tune", "choose the pipeline's parameters on validation sets with Optuna"),
 }
 
 

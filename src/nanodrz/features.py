@@ -216,6 +216,7 @@ class WindowedSpeakerFrontEnd(SpeakerFrontEnd):
 
     def __init__(self, d_model: int, frame_rate: float = 25.0, n_mels: int = 80, window_seconds: float = 1.5):
         super().__init__(d_model, frame_rate, n_mels)
+        self.window_seconds = window_seconds
         self.window = int(round(window_seconds * self.encoder_rate)) // 2 * 2 + 1  # odd: centred on a frame
         self.voice_projection = nn.Linear(self.embedding_size, d_model)
         nn.init.zeros_(self.voice_projection.weight)

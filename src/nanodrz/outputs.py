@@ -4,7 +4,7 @@ pyannote.audio 4 pipelines return the regular diarization, an exclusive one (at 
 time, which aligning ASR words to speakers needs) and one speaker embedding per label; `DiarizeOutput`
 carries the same three, so code written against pyannote reads nanodrz's results unchanged. A label's
 embedding is the unit mean of the model's window speaker embeddings (CAM++ space) over the frames where
-that label talks alone, the voice that `relabel` merges and re-labels by.
+that label talks alone, the voice that `postprocess` merges and re-labels by.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pyannote.core import Annotation
 from nanodrz.annotation import Turn, format_rttm, to_annotation
 from nanodrz.errors import NanodrzError
 from nanodrz.fileio import atomic_open
-from nanodrz.relabel import VoiceTrack, elementary_pieces, label_centroids, turn_voices
+from nanodrz.postprocess.voices import Voices, elementary_pieces, mean_voices, solo_piece_frames, turn_frames
 
 OUTPUT_FORMATS = ("rttm", "exclusive-rttm", "json", "embeddings")
 
@@ -66,7 +66,7 @@ def exclusive(turns: Sequence[Turn], scores: Sequence[float]) -> list[Turn]:
 
 
 def diarize_output(uri: str, turns: Sequence[Turn], scores: Sequence[float], exclusive_only: bool,
-                   voices: VoiceTrack | None) -> DiarizeOutput:
+                   voices: Voices | None) -> DiarizeOutput:
     """A recording's final turns (with the model's confidence in each) as a `DiarizeOutput`; with
     `exclusive_only`, the regular diarization is the exclusive one too (`--exclusive`)."""
     flat = exclusive(turns, scores)
@@ -76,18 +76,16 @@ def diarize_output(uri: str, turns: Sequence[Turn], scores: Sequence[float], exc
     return DiarizeOutput(uri, tuple(regular), tuple(flat), labels, embeddings)
 
 
-def label_embeddings(turns: Sequence[Turn], labels: Sequence[str], voices: VoiceTrack) -> np.ndarray:
+def label_embeddings(turns: Sequence[Turn], labels: Sequence[str], voices: Voices) -> np.ndarray:
     """(labels, E) unit voices: each label's mean window embedding where it talks alone; a label never
     heard alone gets its mean over all its turns, and a label with no frame at all a row of NaN."""
-    track = voices.array()
-    alone = label_centroids(elementary_pieces(turns, [0.0] * len(turns)), track, voices.frame_rate)
-    anywhere = turn_voices(turns, track, voices.frame_rate)
-    rows = np.full((len(labels), track.shape[1]), np.nan, dtype=np.float32)
+    alone = mean_voices(voices, solo_piece_frames(elementary_pieces(turns, [0.0] * len(turns)), voices))
+    anywhere = mean_voices(voices, turn_frames(turns, voices))
+    rows = np.full((len(labels), voices.frames.shape[1]), np.nan, dtype=np.float32)
     for row, label in enumerate(labels):
-        if label in alone:
-            rows[row] = alone[label][0]
-        elif label in anywhere:
-            rows[row] = anywhere[label]
+        found = alone.get(label) or anywhere.get(label)
+        if found is not None:
+            rows[row] = found[0]
     return rows
 
 

@@ -17,14 +17,16 @@ import sys
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from nanodrz.diarize import DiarizationSettings, check_audio_file, load_diarizer
+from nanodrz.diarize import diarizer_for
 from nanodrz.errors import NanodrzError
+from nanodrz.longform import check_audio_file
 from nanodrz.outputs import DiarizeOutput
+from nanodrz.params import DiarizationSettings
 
 # How often the parent looks at its workers when none has anything to say (seconds).
 POLL_SECONDS = 0.5
@@ -40,6 +42,7 @@ class WorkerJob:
     batch_size: int
     formats: frozenset[str]
     settings: DiarizationSettings
+    changes: dict[str, Any]  # pipeline parameters changed from the model's
     enroll: dict[str, np.ndarray]
 
 
@@ -47,7 +50,7 @@ def work(job: WorkerJob, tasks: multiprocessing.Queue, results: multiprocessing.
     """A worker's life: load the model (a failure, e.g. a bad checkpoint, ends the whole run), then
     diarize groups (index, [(name, path)]) until the None that says there are no more."""
     try:
-        diarizer = load_diarizer(job.model, job.device, job.threads, set(job.formats))
+        diarizer = diarizer_for(job.model, job.device, job.threads, job.changes, set(job.formats))
     except NanodrzError as error:
         results.put(("fatal", str(error)))
         return

@@ -31,13 +31,13 @@ from safetensors import safe_open
 
 from nanodrz.bank import Bank
 from nanodrz.checkpoint import weights_path
-from nanodrz.decoding import DecodingOptions
-from nanodrz.diarize import SHIPPED_MODEL, DiarizationSettings, Diarizer, add_resegment_arguments, merge_threshold_arg
+from nanodrz.commandline import add_pipeline_arguments, checked_changes, pipeline_changes
 from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import DEFAULT_COLLARS
 from nanodrz.fileio import write_json
+from nanodrz.params import DiarizationSettings
 from nanodrz.paths import default_bank_dir
-from nanodrz.relabel import MERGE_THRESHOLD, REFINE_PASSES
+from nanodrz.pipeline import SHIPPED_MODEL, Diarizer
 from nanodrz.simulate import check_bank
 from nanodrz.sweep_report import write_report
 from nanodrz.sweep_runs import System, baseline_system, earlier_baseline_runs, nanodrz_system, run_groups
@@ -173,13 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "20 and 60 s), fewer files")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="recordings decoded together (default: 8)")
-    parser.add_argument("--merge-threshold", type=merge_threshold_arg, default=MERGE_THRESHOLD, metavar="COSINE",
-                        help=f"nanodrz diarize's label-merging threshold (default: {MERGE_THRESHOLD:g})")
-    parser.add_argument("--eos-penalty", type=float, default=DecodingOptions.eos_penalty, metavar="NATS",
-                        help=f"nanodrz diarize's EOS penalty (default: {DecodingOptions.eos_penalty:g})")
-    parser.add_argument("--refine-passes", type=int, default=REFINE_PASSES, metavar="N",
-                        help=f"nanodrz diarize's voice re-labelling passes (default: {REFINE_PASSES}; 0 = off)")
-    add_resegment_arguments(parser)
+    add_pipeline_arguments(parser, skip=("--seed",))
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -223,14 +217,6 @@ def checkpoint_step(path: Path) -> int:
         return int((handle.metadata() or {}).get("step", -1))
 
 
-def diarizer_settings(args: argparse.Namespace) -> DiarizationSettings:
-    """What `nanodrz diarize` would be asked for, from the flags sweep shares with it."""
-    return DiarizationSettings(merge_threshold=args.merge_threshold, refine_passes=args.refine_passes,
-                               speech_threshold=args.speech_threshold, overlap_threshold=args.overlap_threshold,
-                               nonspeech_threshold=args.nonspeech_threshold,
-                               decoding=DecodingOptions(eos_penalty=args.eos_penalty))
-
-
 def files_per_point(args: argparse.Namespace) -> int:
     """--per-point, checked along with the other numbers of the command line."""
     per_point = args.per_point if args.per_point is not None else (QUICK_PER_POINT if args.quick else DEFAULT_PER_POINT)
@@ -255,9 +241,9 @@ def check_row_names(groups: list[tuple[dict, list[PlannedSet]]], extras: list[Te
                            "folder, or two --extra folders with the same name)")
 
 
-def systems_to_run(args: argparse.Namespace, baselines: list[str], settings: DiarizationSettings) -> dict[str, System]:
+def systems_to_run(args: argparse.Namespace, baselines: list[str], diarizer: Diarizer) -> dict[str, System]:
     """Ours first, then the baselines asked for (built only then: they load their own models)."""
-    systems = {OURS: nanodrz_system(Diarizer.from_pretrained(args.model, args.device), args.batch_size, settings)}
+    systems = {OURS: nanodrz_system(diarizer, args.batch_size, DiarizationSettings())}
     if baselines:
         from nanodrz import baseline
 
@@ -267,13 +253,9 @@ def systems_to_run(args: argparse.Namespace, baselines: list[str], settings: Dia
     return systems
 
 
-def threshold_or_off(value: float | None) -> float | str:
-    """A threshold as results.json states it: "off" for none (or, for merging, infinity)."""
-    return "off" if value is None or value == float("inf") else value
-
-
 def run(args: argparse.Namespace) -> int:
     per_point = files_per_point(args)
+    changes = checked_changes(pipeline_changes(args))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -296,8 +278,9 @@ def run(args: argparse.Namespace) -> int:
         raise NanodrzError("--reuse-baseline needs --baseline")
     earlier_runs = {name: earlier_baseline_runs(out, name) for name in baselines} if args.reuse_baseline else {}
     model_path = args.model if args.model is not None else SHIPPED_MODEL
-    settings = diarizer_settings(args)
-    systems = systems_to_run(args, baselines, settings)
+    diarizer = Diarizer.from_pretrained(args.model, args.device)
+    diarizer.params = diarizer.params.with_values(changes)
+    systems = systems_to_run(args, baselines, diarizer)
     sets = []
     for description, plans in groups:
         test_sets = [materialize(plan, out / "sets" / plan.group / plan.name, bank, args.seed) for plan in plans]
@@ -310,12 +293,7 @@ def run(args: argparse.Namespace) -> int:
         "model_step": checkpoint_step(model_path),
         "device": args.device,
         "batch_size": args.batch_size,
-        "merge_threshold": threshold_or_off(settings.merge_threshold),
-        "eos_penalty": settings.decoding.eos_penalty,
-        "refine_passes": settings.refine_passes,
-        "speech_threshold": threshold_or_off(settings.speech_threshold),
-        "overlap_threshold": threshold_or_off(settings.overlap_threshold),
-        "nonspeech_threshold": threshold_or_off(settings.nonspeech_threshold),
+        "pipeline": diarizer.params.to_dict(),
         "torch_threads": torch.get_num_threads(),
         "systems": list(systems),
         "bank": str(bank.root) if bank is not None else None,

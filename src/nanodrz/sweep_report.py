@@ -80,10 +80,8 @@ def write_report(out: Path, results: dict) -> None:
         "# nanodrz sweep",
         "",
         f"- model: `{results['model']}` (step {results['model_step']}), device {results['device']}, "
-        f"batch size {results['batch_size']}, {results['torch_threads']} torch threads, label-merging threshold "
-        f"{results.get('merge_threshold', 'none')}, EOS penalty {results.get('eos_penalty', 0)}, voice re-labelling "
-        f"passes {results.get('refine_passes', 0)}, speech / overlap thresholds "
-        f"{results.get('speech_threshold', 'off')} / {results.get('overlap_threshold', 'off')}",
+        f"batch size {results['batch_size']}, {results['torch_threads']} torch threads",
+        f"- pipeline parameters: {pipeline_summary(results.get('pipeline', {}))}",
         f"- systems: {', '.join(systems)}",
         f"- simulated sets: bank `{results['bank']}`, split `{results['split']}`, seed {results['seed']}, "
         f"{results['per_point']} files per point (fewer for long recordings: about {results['per_point']} x "
@@ -116,3 +114,11 @@ def write_report(out: Path, results: dict) -> None:
         plot_sweep_group(group, systems, out / group["plot"])
     with atomic_open(out / "report.md") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+def pipeline_summary(pipeline: dict) -> str:
+    """The parameters a reader compares runs by: `group.name value`, "off" for None."""
+    shown = [("merge", "threshold"), ("refine", "passes"), ("decoding", "eos_penalty"), ("resegment", "speech_threshold"),
+             ("resegment", "overlap_threshold"), ("resegment", "nonspeech_threshold")]
+    values = [(f"{group}.{name}", pipeline.get(group, {}).get(name, "?")) for group, name in shown]
+    return ", ".join(f"{key} {'off' if value is None else value}" for key, value in values)

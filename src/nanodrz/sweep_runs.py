@@ -20,7 +20,8 @@ from typing import Callable
 from tqdm import tqdm
 
 from nanodrz.annotation import Turn, read_rttm, write_rttm
-from nanodrz.diarize import DiarizationSettings, Diarizer
+from nanodrz.params import DiarizationSettings
+from nanodrz.pipeline import Diarizer
 from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import DEFAULT_COLLARS, EvaluationReport, label_consistency, score
 from nanodrz.fileio import atomic_path

@@ -1,4 +1,4 @@
-"""Merging labels by voice after long-form stitching (`nanodrz.relabel`), checked by hand."""
+"""The post-processing rules (`nanodrz.postprocess`) on hand-made voices, checked by hand."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 
 from nanodrz.annotation import Turn
-from nanodrz.diarize import DiarizationSettings, merge_threshold_arg, one_voice_heard_as_two, rename_by_first_turn
 from nanodrz.errors import NanodrzError
-from nanodrz.relabel import (VoiceTally, VoiceTrack, absorb_small_labels, best_voice_path, dominant_label_voices, elementary_pieces, merge_labels, reassign_single_speaker_stretches,
-                             refine_labels, speech_seconds, split_dominant_label, split_labels)
+from nanodrz.params import AbsorbParams, MergeParams, PipelineParams, RefineParams, SplitParams
+from nanodrz.postprocess.absorb import absorb_small_labels
+from nanodrz.postprocess.merge import merge_labels
+from nanodrz.postprocess.refine import best_voice_path, reassign_single_speaker_stretches, refine_labels, split_labels
+from nanodrz.postprocess.resegment import FrameCounts
+from nanodrz.postprocess.split import dominant_label_voices, one_voice_heard_as_two, split_dominant_label
+from nanodrz.postprocess.stitch import rename_by_first_turn
+from nanodrz.postprocess.voices import (Voices, VoiceTrack, elementary_pieces, mean_voices, solo_interior_frames,
+                                        speech_seconds)
+
+REFINE, MERGE = RefineParams(), MergeParams()
 
 
 def unit(*values: float) -> np.ndarray:
@@ -30,10 +38,10 @@ def test_pairs_at_or_above_the_threshold_merge_into_one_label():
 def test_min_speakers_stops_merging_and_max_speakers_forces_it():
     assert merge_labels(CENTROIDS, threshold=0.9, min_speakers=4) == {label: label for label in CENTROIDS}
     # Off by similarity, but at most 2: A+B first (cosine 0.95), then C joins them (closer than D).
-    owner = merge_labels(CENTROIDS, threshold=float("inf"), max_speakers=2)
+    owner = merge_labels(CENTROIDS, threshold=None, max_speakers=2)
     assert owner == {"A": "A", "B": "A", "C": "A", "D": "D"}
     # Labels without a voice count towards the limit.
-    owner = merge_labels(CENTROIDS, threshold=float("inf"), max_speakers=3, unmeasured=1)
+    owner = merge_labels(CENTROIDS, threshold=None, max_speakers=3, unmeasured=1)
     assert sorted(set(owner.values())) == ["A", "D"]
 
 
@@ -49,17 +57,16 @@ def test_tally_counts_only_frames_whose_window_lies_where_the_label_talks_alone(
     frame_rate = 10.0
     voices = np.eye(80, dtype=np.float32)  # frame t's voice is basis vector t
     turns = [Turn(0.0, 3.0, "A"), Turn(2.0, 5.0, "B"), Turn(5.5, 5.8, "C"), Turn(5.8, 6.8, "D")]
-    tally = VoiceTally()
-    tally.add(turns, voices, frame_rate)
+    found = mean_voices(Voices(voices, frame_rate, 1.5), solo_interior_frames(turns, Voices(voices, frame_rate, 1.5),
+                                                                               min_stretch_seconds=0.5))
     # A alone 0-2 s, B alone 3-5 s: frames 0.75 s inside each end; C (0.3 s) is too short to count;
     # D (1 s) is shorter than a window: its middle frame only.
-    assert np.flatnonzero(tally.sums["A"]).tolist() == list(range(8, 13))
-    assert np.flatnonzero(tally.sums["B"]).tolist() == list(range(38, 43))
-    assert "C" not in tally.sums
-    assert np.flatnonzero(tally.sums["D"]).tolist() == [63]
-    assert tally.counts == {"A": 5, "B": 5, "D": 1}
-    centroid, count = tally.centroids()["A"]
-    assert count == 5 and np.linalg.norm(centroid) == pytest.approx(1.0)
+    assert np.flatnonzero(found["A"][0]).tolist() == list(range(8, 13))
+    assert np.flatnonzero(found["B"][0]).tolist() == list(range(38, 43))
+    assert "C" not in found
+    assert np.flatnonzero(found["D"][0]).tolist() == [63]
+    assert {label: count for label, (_, count) in found.items()} == {"A": 5, "B": 5, "D": 1}
+    assert np.linalg.norm(found["A"][0]) == pytest.approx(1.0)
 
 
 def test_labels_are_renamed_by_first_turn_and_names_kept():
@@ -69,16 +76,25 @@ def test_labels_are_renamed_by_first_turn_and_names_kept():
     assert [t.speaker for t in rename_by_first_turn([Turn(0, 1, "E")], frozenset({"A"}))] == ["B"]
 
 
-def test_threshold_setting_and_argument():
-    assert merge_threshold_arg("off") == float("inf") and merge_threshold_arg("0.7") == 0.7
-    with pytest.raises(NanodrzError, match="merge-threshold"):
-        DiarizationSettings(merge_threshold=-2.0)
-    with pytest.raises(NanodrzError, match="merge-threshold"):
-        DiarizationSettings(merge_threshold=float("nan"))
+def test_parameters_are_checked_where_they_are_declared():
+    for bad in (-2.0, float("nan"), 1.5):
+        with pytest.raises(NanodrzError, match="merge.threshold"):
+            MergeParams(threshold=bad)
+    with pytest.raises(NanodrzError, match="refine.passes"):
+        RefineParams(passes=-1)
+    with pytest.raises(NanodrzError, match="unknown pipeline parameter"):
+        PipelineParams().with_values({"merge.treshold": 0.8})
+    assert PipelineParams().with_values({"merge.threshold": None}).merge.threshold is None
+    assert PipelineParams.from_dict(PipelineParams().to_dict()) == PipelineParams()
 
 
 # --- re-labelling single-speaker stretches by voice -------------------------------------------------
 FRAME_RATE = 10.0
+
+
+def V(track: np.ndarray) -> Voices:
+    """A hand-made track as a recording's voices (1.5 s windows, as the model's)."""
+    return Voices(track, FRAME_RATE, 1.5)
 
 
 def two_voice_track(changes: list[tuple[float, int]], seconds: float, size: int = 4) -> np.ndarray:
@@ -109,7 +125,7 @@ def test_a_turn_that_runs_over_a_change_of_voice_is_split_there():
     # The model wrote A for 0-4 s, but voice 1 takes over at 2 s; B (voice 1) talks again at 5-6 s.
     track = two_voice_track([(0.0, 0), (2.0, 1), (4.0, 2), (5.0, 1), (6.0, 2)], 7.0)
     turns = [Turn(0.0, 4.0, "A"), Turn(5.0, 6.0, "B")]
-    new_turns, new_scores = reassign_single_speaker_stretches(turns, [0.9, 0.8], track, FRAME_RATE, 0.25)
+    new_turns, new_scores = reassign_single_speaker_stretches(turns, [0.9, 0.8], V(track), 0.25)
     assert [(t.speaker, t.start, t.end) for t in new_turns] == [("A", 0.0, 1.95), ("B", 1.95, 4.0),
                                                               ("B", 5.0, 6.0)]
     # Each piece keeps the score of the written turn it came from.
@@ -119,7 +135,7 @@ def test_a_turn_that_runs_over_a_change_of_voice_is_split_there():
 def test_stretches_where_the_model_wrote_two_voices_are_kept():
     track = two_voice_track([(0.0, 0), (2.0, 1)], 4.0)
     turns = [Turn(0.0, 3.0, "A"), Turn(1.0, 4.0, "B")]
-    new_turns, _ = reassign_single_speaker_stretches(turns, [1.0, 1.0], track, FRAME_RATE, 0.25)
+    new_turns, _ = reassign_single_speaker_stretches(turns, [1.0, 1.0], V(track), 0.25)
     assert sorted((t.speaker, t.start, t.end) for t in new_turns) == [("A", 0.0, 1.0), ("A", 1.0, 3.0),
                                                                       ("B", 1.0, 3.0), ("B", 3.0, 4.0)]
 
@@ -128,11 +144,11 @@ def test_refinement_merges_labels_whose_voices_match():
     # C is voice 0 again, written as a new speaker: the pass re-labels and merging folds it into A.
     track = two_voice_track([(0.0, 0), (3.0, 1), (6.0, 0)], 9.0)
     turns = [Turn(0.0, 3.0, "A"), Turn(3.0, 6.0, "B"), Turn(6.0, 9.0, "C")]
-    refined, _ = refine_labels(turns, [1.0] * 3, track, FRAME_RATE)
+    refined, _ = refine_labels(turns, [1.0] * 3, V(track), REFINE, MERGE)
     assert {t.speaker for t in refined} == {"A", "B"}
     # B's second half is an enrolled speaker's voice: it takes the name.
     turns = [Turn(0.0, 3.0, "alice"), Turn(3.0, 9.0, "B")]
-    refined, _ = refine_labels(turns, [1.0] * 2, track, FRAME_RATE, named=frozenset({"alice"}))
+    refined, _ = refine_labels(turns, [1.0] * 2, V(track), REFINE, MERGE, named=frozenset({"alice"}))
     refined = rename_by_first_turn(refined, frozenset({"alice"}))
     assert [(t.speaker, t.start, t.end) for t in refined] == [("alice", 0.0, 3.0), ("A", 3.0, 5.95),
                                                                ("alice", 5.95, 9.0)]
@@ -142,23 +158,23 @@ def test_refinement_keeps_the_number_of_speakers_asked_for():
     # C is written over voice 0 only, so re-labelling gives all of it to A ...
     track = two_voice_track([(0.0, 0), (3.0, 1), (6.0, 0)], 9.0)
     turns = [Turn(0.0, 3.0, "A"), Turn(3.0, 6.0, "B"), Turn(6.0, 9.0, "C")]
-    assert {t.speaker for t in refine_labels(turns, [1.0] * 3, track, FRAME_RATE)[0]} == {"A", "B"}
+    assert {t.speaker for t in refine_labels(turns, [1.0] * 3, V(track), REFINE, MERGE)[0]} == {"A", "B"}
     # ... unless three speakers were asked for.
-    kept, _ = refine_labels(turns, [1.0] * 3, track, FRAME_RATE, min_speakers=3)
+    kept, _ = refine_labels(turns, [1.0] * 3, V(track), REFINE, MERGE, min_speakers=3)
     assert {t.speaker for t in kept} == {"A", "B", "C"}
 
 
 def test_a_label_holding_two_clearly_different_voices_is_split():
     # One letter for two voices (4.5 s and 3 s, five blocks of 1.5 s): the smaller group gets a new label.
     track = two_voice_track([(0.0, 0), (4.5, 1)], 7.5)
-    split, scores = split_labels([Turn(0.0, 7.5, "A")], [0.5], track, FRAME_RATE)
+    split, scores = split_labels([Turn(0.0, 7.5, "A")], [0.5], V(track), REFINE, 0.7)
     assert [(t.speaker, t.start, t.end) for t in split] == [("A", 0.0, 4.5), ("~1", 4.5, 6.0), ("~1", 6.0, 7.5)]
     assert scores == [0.5, 0.5, 0.5]
     # Not when a side is too short, when at most one speaker is asked for, or for an enrolled name.
     short = two_voice_track([(0.0, 0), (6.0, 1)], 7.0)
-    assert split_labels([Turn(0.0, 7.0, "A")], [0.5], short, FRAME_RATE)[0] == [Turn(0.0, 7.0, "A")]
-    assert split_labels([Turn(0.0, 7.0, "A")], [0.5], track, FRAME_RATE, max_speakers=1)[0] == [Turn(0.0, 7.0, "A")]
-    named = split_labels([Turn(0.0, 7.0, "alice")], [0.5], track, FRAME_RATE, named=frozenset({"alice"}))[0]
+    assert split_labels([Turn(0.0, 7.0, "A")], [0.5], V(short), REFINE, 0.7)[0] == [Turn(0.0, 7.0, "A")]
+    assert split_labels([Turn(0.0, 7.0, "A")], [0.5], V(track), REFINE, 0.7, max_speakers=1)[0] == [Turn(0.0, 7.0, "A")]
+    named = split_labels([Turn(0.0, 7.0, "alice")], [0.5], V(track), REFINE, 0.7, named=frozenset({"alice"}))[0]
     assert named == [Turn(0.0, 7.0, "alice")]
 
 
@@ -171,27 +187,22 @@ def test_the_dominant_label_is_split_whatever_its_voices_cosine_when_asked():
     track[int(9 * FRAME_RATE):int(12 * FRAME_RATE)], track[int(12 * FRAME_RATE):] = unit(0, 0, 1, 0), unit(0, 0, 0, 1)
     turns = [Turn(0.0, 9.0, "A"), Turn(9.0, 15.0, "B")]
     assert speech_seconds(turns) == {"A": 9.0, "B": 6.0}
-    assert split_labels(turns[:1], [0.5], track, FRAME_RATE)[0] == turns[:1]
-    split, scores = split_dominant_label(turns, [0.5, 0.5], track, FRAME_RATE)
+    assert split_labels(turns[:1], [0.5], V(track), REFINE, 0.7)[0] == turns[:1]
+    split, scores = split_dominant_label(turns, [0.5, 0.5], V(track), REFINE)
     assert len(split) == 3 and len(scores) == 3 and split[2] == turns[1]
     assert len({split[0].speaker, split[1].speaker, "B"}) == 3
     assert (split[0].start, split[1].end) == (0.0, 9.0) and split[0].end == pytest.approx(4.5, abs=0.05)
-    assert split_dominant_label(turns, [0.5, 0.5], track, FRAME_RATE, max_speakers=2)[0] == turns
-    assert split_dominant_label(turns, [0.5, 0.5], track, FRAME_RATE, named=frozenset({"A"}))[0] == turns
-    assert split_dominant_label([], [], track, FRAME_RATE) == ([], [])
+    assert split_dominant_label(turns, [0.5, 0.5], V(track), REFINE, max_speakers=2)[0] == turns
+    assert split_dominant_label(turns, [0.5, 0.5], V(track), REFINE, named=frozenset({"A"}))[0] == turns
+    assert split_dominant_label([], [], V(track), REFINE) == ([], [])
 
 
 def test_voice_track_keeps_each_chunk_after_its_prompt():
-    track = VoiceTrack(frame_rate=10.0)
+    track = VoiceTrack(frame_rate=10.0, window_seconds=1.5)
     track.add(np.arange(30, dtype=np.float32)[:, None], first=0.0, seconds=2.0)
     # 1 s of prompt, then 1.5 s of chunk; the model's last frame is missing: zero-filled.
     track.add(np.arange(100, 124, dtype=np.float32)[:, None], first=1.0, seconds=1.5)
-    assert track.array()[:, 0].tolist() == list(range(20)) + list(range(110, 124)) + [0.0]
-
-
-def test_refine_passes_setting():
-    with pytest.raises(NanodrzError, match="refine-passes"):
-        DiarizationSettings(refine_passes=-1)
+    assert track.voices().frames[:, 0].tolist() == list(range(20)) + list(range(110, 124)) + [0.0]
 
 
 def voices_at_cosine(cosine: float) -> np.ndarray:
@@ -202,11 +213,17 @@ def voices_at_cosine(cosine: float) -> np.ndarray:
     return track
 
 
-def overlap_counts(seconds: float) -> np.ndarray:
+def overlap_counts(seconds: float) -> FrameCounts:
     """Twenty seconds of speaker counts, sure of two voices over the first `seconds`."""
     counts = np.tile(np.array([0.0, 1.0, 0.0], dtype=np.float32), (int(20.0 * FRAME_RATE), 1))
     counts[:int(seconds * FRAME_RATE)] = (0.0, 0.02, 0.98)
-    return counts
+    return FrameCounts(counts, FRAME_RATE)
+
+
+def heard_as_two(turns: list[Turn], track: np.ndarray, counts: FrameCounts | None,
+                 max_speakers: int | None = None) -> bool:
+    """`one_voice_heard_as_two` under the default parameters (overlap threshold 0.8)."""
+    return one_voice_heard_as_two(turns, V(track), counts, 0.8, SplitParams(), REFINE, max_speakers)
 
 
 @pytest.mark.parametrize("cosine, overlap_seconds, expected", [
@@ -217,24 +234,23 @@ def overlap_counts(seconds: float) -> np.ndarray:
 ])
 def test_a_dominant_label_holds_two_voices_by_voice_or_by_heard_overlap(cosine, overlap_seconds, expected):
     turns = [Turn(0.0, 20.0, "A")]
-    found = dominant_label_voices(turns, voices_at_cosine(cosine), FRAME_RATE)
+    found = dominant_label_voices(turns, V(voices_at_cosine(cosine)), REFINE)
     assert found[0] == "A" and found[1] == 1.0 and found[2] == pytest.approx(cosine, abs=0.03)
     assert found[3] == pytest.approx(10.0, abs=1.0)  # the block across the change goes to one side
-    heard = one_voice_heard_as_two(turns, voices_at_cosine(cosine), FRAME_RATE, overlap_counts(overlap_seconds),
-                                   FRAME_RATE, DiarizationSettings())
+    heard = heard_as_two(turns, voices_at_cosine(cosine), overlap_counts(overlap_seconds))
     assert heard is expected
 
 
 def test_no_dominant_split_below_the_share_or_for_one_speaker_or_a_short_second_voice():
     track, counts = voices_at_cosine(0.8), overlap_counts(1.0)
     half = [Turn(0.0, 10.0, "A"), Turn(10.0, 20.0, "B")]
-    assert not one_voice_heard_as_two(half, track, FRAME_RATE, counts, FRAME_RATE, DiarizationSettings())
+    assert not heard_as_two(half, track, counts)
     whole = [Turn(0.0, 20.0, "A")]
-    assert not one_voice_heard_as_two(whole, track, FRAME_RATE, counts, FRAME_RATE, DiarizationSettings(max_speakers=1))
+    assert not heard_as_two(whole, track, counts, max_speakers=1)
     short = voices_at_cosine(0.8)
     short[:int(18 * FRAME_RATE)] = unit(1, 0, 0, 0)  # the second voice for the last 2 s only
-    assert not one_voice_heard_as_two(whole, short, FRAME_RATE, None, FRAME_RATE, DiarizationSettings())
-    assert dominant_label_voices([], track, FRAME_RATE) is None
+    assert not heard_as_two(whole, short, None)
+    assert dominant_label_voices([], V(track), REFINE) is None
 
 
 def test_a_label_with_little_speech_joins_the_closest_voice():
@@ -243,12 +259,12 @@ def test_a_label_with_little_speech_joins_the_closest_voice():
     track[int(5 * FRAME_RATE):int(10 * FRAME_RATE)] = unit(0, 1, 0, 0)
     track[int(10 * FRAME_RATE):] = unit(0.2, 0.9, 0.3, 0)  # closer to B's voice than to A's
     turns = [Turn(0.0, 5.0, "A"), Turn(5.0, 10.0, "B"), Turn(10.0, 11.0, "C")]
-    assert absorb_small_labels(turns, track, FRAME_RATE, min_seconds=1.5) == turns[:2] + [Turn(10.0, 11.0, "B")]
-    assert absorb_small_labels(turns, track, FRAME_RATE, min_seconds=0.5) == turns
-    assert absorb_small_labels(turns, track, FRAME_RATE, min_seconds=1.5, min_speakers=3) == turns
+    assert absorb_small_labels(turns, V(track), AbsorbParams(1.5)) == turns[:2] + [Turn(10.0, 11.0, "B")]
+    assert absorb_small_labels(turns, V(track), AbsorbParams(0.5)) == turns
+    assert absorb_small_labels(turns, V(track), AbsorbParams(1.5), min_speakers=3) == turns
     named = [Turn(0.0, 5.0, "A"), Turn(5.0, 10.0, "B"), Turn(10.0, 11.0, "carol")]
-    assert absorb_small_labels(named, track, FRAME_RATE, min_seconds=1.5, named=frozenset({"carol"})) == named
+    assert absorb_small_labels(named, V(track), AbsorbParams(1.5), named=frozenset({"carol"})) == named
     # Two small labels: the smaller goes first, and never into a label that has already gone.
     small = [Turn(0.0, 5.0, "A"), Turn(10.0, 11.0, "C"), Turn(10.0, 10.5, "D")]
-    assert {t.speaker for t in absorb_small_labels(small, track, FRAME_RATE, min_seconds=1.5)} == {"A"}
-    assert absorb_small_labels([], track, FRAME_RATE) == []
+    assert {t.speaker for t in absorb_small_labels(small, V(track), AbsorbParams(1.5))} == {"A"}
+    assert absorb_small_labels([], V(track), AbsorbParams()) == []

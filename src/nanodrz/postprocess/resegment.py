@@ -1,91 +1,70 @@
-"""Resegmentation by the model's overlap head: where speech is, and where two voices are.
+"""Resegmentation by frame-level speaker counts: where speech is, and where two voices are.
 
 The decoder writes turns from a few tokens each; it leaves out speech (most often near the end of a
 chunk, or quiet and noisy speech), writes turns over pauses, and too often leaves out the second voice
 of an overlap. The overlap head (`model.overlap_head`) learns from dense frame targets how many speakers
 talk in every 40 ms frame: none, one, or two or more. After long-form stitching and re-labelling:
 
-1. A written turn loses every stretch of at least `MIN_GAP_SECONDS` where the head gives silence a
+1. Where the head gives two or more speakers at least `overlap_threshold` for at least
+   `min_overlap_seconds` and one speaker is written, the second speaker is the other label whose turn
+   lies closest in time (the heuristic of Bullock et al., "Overlap-aware diarization", ICASSP 2020: an
+   overlap is most often an interruption, or a reply that starts before the other speaker has finished).
+2. A written turn loses every stretch of at least `min_gap_seconds` where the head gives silence a
    probability of at least `speech_threshold`.
-2. A stretch of at least `MIN_SPEECH_SECONDS` where nothing is written and the head gives speech (one
+3. A stretch of at least `min_speech_seconds` where nothing is written and the head gives speech (one
    or more) at least `speech_threshold` goes to the speaker whose written turn lies closest in time.
-3. Where the head gives two or more speakers at least `overlap_threshold` and one speaker is written,
-   the second speaker is the other label whose turn lies closest in time (the heuristic of Bullock et
-   al., "Overlap-aware diarization", ICASSP 2020: an overlap is most often an interruption, or a reply
-   that starts before the other speaker has finished).
 
-Letters stay the decoder's and the re-labelling's: the head only says how many speak, not who.
+segmentation-3.0's counts (models with the `campplus_segmentation` front end) cut speech the same way
+as step 2, at `nonspeech_threshold`. Letters stay the decoder's and the re-labelling's: the counts only
+say how many speak, not who.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from nanodrz.annotation import Turn
-from nanodrz.relabel import speech_seconds
+from nanodrz.params import ResegmentParams
+from nanodrz.postprocess.voices import speech_seconds
 
-# Chosen on validation speakers for the default model (v1): benchmarks/results/resegmentation.md. Model v2
-# (models/v2_segmentation.safetensors) takes overlap 0.7: benchmarks/results/pipeline_settings.md.
-SPEECH_THRESHOLD = 0.5
-OVERLAP_THRESHOLD = 0.8
-# Cut written speech where segmentation-3.0 gives no speech at least this probability; None = off. Only models
-# with the `campplus_segmentation` front end (model v2) run it; chosen on validation speakers for model v2:
-# benchmarks/results/pipeline_settings.md.
-NONSPEECH_THRESHOLD: float | None = 0.7
-MIN_GAP_SECONDS = 0.1
-MIN_SPEECH_SECONDS = 0.1
-MIN_OVERLAP_SECONDS = 0.12
-# Confident overlap (at the overlap threshold) that shows a dominant label holds two voices; chosen on
-# validation speakers: benchmarks/results/overlap_evidence.md.
-OVERLAP_EVIDENCE_SECONDS = 0.5
 SILENCE, ONE, TWO_OR_MORE = 0, 1, 2
 
 
-class CountTrack:
-    """A recording's overlap-head probabilities (frames, 3), assembled chunk by chunk; frame t is
-    centred at t / frame_rate seconds of the recording."""
+@dataclass(frozen=True)
+class FrameCounts:
+    """Probabilities of no, one, two or more speakers (frames, 3), frame t centred at t / frame_rate s."""
 
-    def __init__(self, frame_rate: float):
-        self.frame_rate = frame_rate
-        self.parts: list[tuple[int, np.ndarray]] = []
-
-    def add(self, probabilities: np.ndarray, offset_seconds: float) -> None:
-        """Chunk probabilities whose first row is the frame at `offset_seconds` of the recording."""
-        self.parts.append((int(round(offset_seconds * self.frame_rate)), np.asarray(probabilities, np.float32)))
-
-    def array(self) -> np.ndarray:
-        length = max((first + len(part) for first, part in self.parts), default=0)
-        track = np.zeros((length, 3), dtype=np.float32)
-        track[:, SILENCE] = 1.0  # a frame no chunk covered counts as silence
-        for first, part in self.parts:
-            track[first:first + len(part)] = part
-        return track
+    probabilities: np.ndarray
+    frame_rate: float
 
 
 def resegment(turns: Sequence[Turn], scores: Sequence[float], counts: np.ndarray, frame_rate: float,
-              speech_threshold: float | None = SPEECH_THRESHOLD, overlap_threshold: float | None = OVERLAP_THRESHOLD
-              ) -> tuple[list[Turn], list[float]]:
-    """The three steps of the module docstring, in order (a threshold of None skips its steps); turns
-    come back sorted by start."""
+              params: ResegmentParams) -> tuple[list[Turn], list[float]]:
+    """Steps 1-3 of the module docstring, in order (a threshold of None skips its steps); turns come back
+    sorted by start."""
     turns, scores = list(turns), list(scores)
-    if overlap_threshold is not None:
-        turns, scores = add_missed_overlap(turns, scores, counts, frame_rate, overlap_threshold)
-    if speech_threshold is not None:
-        turns, scores = remove_silence(turns, scores, counts, frame_rate, speech_threshold)
-        turns, scores = add_missed_speech(turns, scores, counts, frame_rate, speech_threshold)
+    if params.overlap_threshold is not None:
+        turns, scores = add_missed_overlap(turns, scores, counts, frame_rate, params.overlap_threshold,
+                                           params.min_overlap_seconds)
+    if params.speech_threshold is not None:
+        turns, scores = remove_silence(turns, scores, counts, frame_rate, params.speech_threshold,
+                                       params.min_gap_seconds)
+        turns, scores = add_missed_speech(turns, scores, counts, frame_rate, params.speech_threshold,
+                                          params.min_speech_seconds)
     order = sorted(range(len(turns)), key=lambda i: (turns[i].start, turns[i].end, turns[i].speaker))
     return [turns[i] for i in order], [scores[i] for i in order]
 
 
-def overlapped_seconds(counts: np.ndarray, frame_rate: float, threshold: float = OVERLAP_THRESHOLD) -> float:
+def overlapped_seconds(counts: np.ndarray, frame_rate: float, threshold: float) -> float:
     """Seconds where the probability of two or more speakers is at least `threshold`."""
     return float((counts[:, TWO_OR_MORE] >= threshold).sum()) / frame_rate if len(counts) else 0.0
 
 
 def add_missed_overlap(turns: Sequence[Turn], scores: Sequence[float], counts: np.ndarray, frame_rate: float,
-                       threshold: float = OVERLAP_THRESHOLD, min_seconds: float = MIN_OVERLAP_SECONDS
+                       threshold: float, min_seconds: float
                        ) -> tuple[list[Turn], list[float]]:
     """`turns` plus a turn for the second speaker of every stretch of at least `min_seconds` where the
     probability of two or more speakers is at least `threshold` and exactly one speaker is written. An
@@ -106,7 +85,7 @@ def add_missed_overlap(turns: Sequence[Turn], scores: Sequence[float], counts: n
 
 
 def remove_silence(turns: Sequence[Turn], scores: Sequence[float], counts: np.ndarray, frame_rate: float,
-                   threshold: float = SPEECH_THRESHOLD, min_seconds: float = MIN_GAP_SECONDS
+                   threshold: float, min_seconds: float
                    ) -> tuple[list[Turn], list[float]]:
     """`turns` with every stretch of at least `min_seconds` where the probability of silence is at least
     `threshold` cut out (a turn may fall apart into pieces, each with the turn's score)."""
@@ -129,7 +108,7 @@ def remove_silence(turns: Sequence[Turn], scores: Sequence[float], counts: np.nd
 
 
 def add_missed_speech(turns: Sequence[Turn], scores: Sequence[float], counts: np.ndarray, frame_rate: float,
-                      threshold: float = SPEECH_THRESHOLD, min_seconds: float = MIN_SPEECH_SECONDS
+                      threshold: float, min_seconds: float
                       ) -> tuple[list[Turn], list[float]]:
     """`turns` plus a turn for every stretch of at least `min_seconds` where nothing is written and the
     probability of speech is at least `threshold`, given to the speaker whose turn is closest in time;
