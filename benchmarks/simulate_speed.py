@@ -26,7 +26,8 @@ import numpy as np
 
 from nanodrz.bank import Bank
 from nanodrz.paths import default_bank_dir
-from nanodrz.simulate import conversation_rng, load_preset, simulate_conversation
+from nanodrz.simulate import conversation_rng, simulate_conversation
+from nanodrz.simulation_config import load_preset
 
 BENCHMARK_OVERRIDES = [
     "duration=20",

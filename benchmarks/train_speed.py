@@ -19,12 +19,11 @@ from torch.utils.data import DataLoader
 
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.config import load_config
-from nanodrz.examples import ExampleStream
 from nanodrz.features import bf16_is_fast
 from nanodrz.model import DiarizationModel, sequence_loss
-from nanodrz.paths import default_bank_dir
 from nanodrz.tokenizer import Tokenizer
-from nanodrz.train import Config, parameter_groups, setup_distributed
+from nanodrz.train import parameter_groups, setup_distributed, training_stream
+from nanodrz.training_config import Config
 
 
 def audio_hours(batches: list[dict]) -> float:
@@ -41,9 +40,7 @@ def main() -> None:
     config = load_config(Config, args.config, args.set)
     env = setup_distributed(config.train.device)
     tokenizer = Tokenizer(config.tokenizer)
-    bank = config.data.bank or default_bank_dir()
-    stream = ExampleStream(bank, config.data.split, config.data.stream, config.data.examples, tokenizer,
-                           config.train.batch_size, config.train.seed)
+    stream = training_stream(config, tokenizer)
     total = args.warmup + args.steps
 
     start = time.perf_counter()

@@ -11,9 +11,10 @@ import soundfile as sf
 from nanodrz import nonspeech
 from nanodrz.bank import Bank
 from nanodrz.errors import NanodrzError
-from nanodrz.examples import ExampleConfig, ExampleStream, StreamConfig, build_example
-from nanodrz.simulate import (Curriculum, CurriculumStage, conversation_rng, load_preset, simulate_conversation,
-                              speech_activity)
+from nanodrz.examples import ExampleConfig, ExampleItems, build_example, collate
+from nanodrz.simulate import conversation_rng, simulate_conversation, speech_activity
+from nanodrz.simulation_config import load_preset
+from nanodrz.stream import ConversationStream, Curriculum, CurriculumStage, StreamConfig
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 
 SR = 16000
@@ -69,8 +70,10 @@ def test_a_recording_without_speech_has_an_empty_reference_and_answer(train_bank
     assert example.encode(tokenizer).tokens == [Tokenizer.START, Tokenizer.PROMPT_END, Tokenizer.EOS]
     # The training stream makes and collates such examples too.
     stage = CurriculumStage(presets={"clean": 1.0}, overrides=["nonspeech.no_speech_probability=1"])
-    stream = ExampleStream(tiny_bank, "train", StreamConfig(Curriculum([stage]), conversation_seconds=(8.0, 10.0)),
-                           ExampleConfig(chunk_seconds=(4.0, 6.0)), tokenizer, batch_size=2, seed=0)
+    schedule = StreamConfig(Curriculum([stage]), conversation_seconds=(8.0, 10.0)).schedule(tokenizer.num_speakers)
+    stream = ConversationStream(tiny_bank, "train", schedule, seed=0, batch_size=2,
+                                transform=ExampleItems(ExampleConfig(chunk_seconds=(4.0, 6.0)), tokenizer),
+                                collate=collate)
     batch = next(iter(stream))
     assert batch["tokens"].tolist() == [[Tokenizer.START, Tokenizer.PROMPT_END, Tokenizer.EOS]] * 2
     assert batch["audio"].abs().amax(dim=1).min() > 1e-4

@@ -16,11 +16,12 @@ from nanodrz.annotation import Turn, read_rttm
 from nanodrz.audio import load_audio
 from nanodrz.config import load_config
 from nanodrz.errors import NanodrzError
-from nanodrz.examples import ExampleConfig, ExampleStream, collate, example_item
+from nanodrz.examples import ExampleConfig, build_example, collate, example_item
 from nanodrz.recordings import (RecordingAudio, RecordingSource, RecordingsConfig, conversations, load_recordings,
                                 split_recordings, validation_examples)
 from nanodrz.tokenizer import Tokenizer
-from nanodrz.train import Config, train
+from nanodrz.train import train, training_stream
+from nanodrz.training_config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -47,6 +48,15 @@ def copy_of(folder: Path, tmp_path: Path) -> Path:
 
 def config_of(path: Path, **values) -> RecordingsConfig:
     return RecordingsConfig(path=str(path), **values)
+
+
+def drawn_example(source: RecordingSource, seed: int, index: int, examples: ExampleConfig, max_seconds: float):
+    """Sample `index` of the stream cut into an example as the stream would, if the recordings claim it."""
+    drawn = source.draw(seed, index)
+    if drawn is None:
+        return None
+    conversation, rng = drawn
+    return build_example(conversation, examples, max_seconds, rng)
 
 
 # --- the source --------------------------------------------------------------------------------------
@@ -123,7 +133,7 @@ def test_examples_from_recordings_match_their_rttm_and_prompt_from_outside_the_c
     wholes = [(recording, sf.read(str(recording.audio), dtype="float32")[0]) for recording in data.training]
     prompted = 0
     for index in range(12):
-        example = data.source.example(7, index, EXAMPLES, tokenizer.config.max_seconds)
+        example = drawn_example(data.source, 7, index, EXAMPLES, tokenizer.config.max_seconds)
         window, offset = example.chunk_window, example.chunk_start
         chunk_of = lambda whole: whole[int(round(window[0] * SR)):int(round(window[1] * SR))]  # noqa: E731
         [(recording, whole)] = [(r, whole) for r, whole in wholes if len(chunk_of(whole)) == len(example.audio) - int(
@@ -152,13 +162,12 @@ def test_examples_from_recordings_match_their_rttm_and_prompt_from_outside_the_c
 
 
 def test_the_stream_mixes_both_sources_deterministically(tiny_bank, recordings_folder):
-    config = load_config(Config, TINY, [f"data.bank={tiny_bank}"])
+    config = load_config(Config, TINY, [f"data.bank={tiny_bank}", "train.batch_size=4", "train.seed=5"])
     tokenizer = Tokenizer(config.tokenizer)
     source = load_recordings(config_of(recordings_folder, ratio=0.5, validation_fraction=0.0), 4).source
 
     def batches(workers: int, start: int, count: int, recordings: RecordingSource | None = source) -> list[dict]:
-        stream = ExampleStream(tiny_bank, "train", config.data.stream, config.data.examples, tokenizer,
-                               batch_size=4, seed=5, start_batch=start, recordings=recordings)
+        stream = training_stream(config, tokenizer, start_batch=start, recordings=recordings)
         iterator = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
         return [next(iterator) for _ in range(count)]
 
@@ -166,7 +175,7 @@ def test_the_stream_mixes_both_sources_deterministically(tiny_bank, recordings_f
     for a, b in zip(serial + serial[2:], parallel + resumed):
         assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["tokens"], b["tokens"])
     simulated_only = batches(0, 0, 4, recordings=None)
-    claimed = [source.example(5, index, config.data.examples, 12.0) for index in range(16)]
+    claimed = [drawn_example(source, 5, index, config.data.examples, 12.0) for index in range(16)]
     assert 4 <= sum(example is not None for example in claimed) <= 12, "both sources are drawn from"
     for index, example in enumerate(claimed):
         batch, row = divmod(index, 4)

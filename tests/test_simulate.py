@@ -13,19 +13,10 @@ import torch
 from nanodrz import acoustics, cli
 from nanodrz.annotation import read_rttm
 from nanodrz.bank import Bank
-from nanodrz.errors import NanodrzError
-from nanodrz.simulate import (
-    ConversationDataset,
-    Curriculum,
-    CurriculumStage,
-    SimulationConfig,
-    conversation_rng,
-    fixed_conversations,
-    load_preset,
-    preset_names,
-    simulate_conversation,
-    speech_activity,
-)
+from nanodrz.errors import ConfigError, NanodrzError
+from nanodrz.simulate import conversation_rng, fixed_conversations, simulate_conversation, speech_activity
+from nanodrz.simulation_config import SimulationConfig, TurnTakingConfig, load_preset, preset_names
+from nanodrz.stream import ConversationStream, Curriculum, CurriculumStage
 
 SR = 16000
 SHORT = ["duration=[8,10]"]
@@ -184,6 +175,24 @@ def test_reverb_convolution_and_noise_buffers() -> None:
     assert low["white"] < low["pink"] < low["brown"]
 
 
+def test_babble_belongs_to_its_bank(tiny_bank: Path, train_bank: Bank) -> None:
+    babble = train_bank.babble(3, 2.0)
+    assert babble.dtype == np.float32 and babble.size == 2 * SR
+    assert np.mean(np.square(babble, dtype=np.float64)) == pytest.approx(1.0, rel=1e-3)
+    assert train_bank.babble(3, 2.0) is babble, "made once per bank"
+    np.testing.assert_array_equal(Bank(tiny_bank, "train").babble(3, 2.0), babble)
+    assert not np.array_equal(Bank(tiny_bank, "test").babble(3, 2.0), babble), "voices of the bank's own split"
+
+
+def test_config_errors_are_one_type() -> None:
+    with pytest.raises(ConfigError, match="probability"):
+        TurnTakingConfig(interruption_probability=2.0)
+    with pytest.raises(ConfigError, match="slice_fade_seconds"):
+        load_preset("clean", ["slice_fade_seconds=-1"])
+    with pytest.raises(ValueError):  # a ConfigError is also what Python code expects of a bad value
+        load_preset("clean", ["nonspeech.fade_seconds=-1"])
+
+
 def test_telephone_line_removes_the_high_band(train_bank: Bank) -> None:
     config = load_preset("phone", SHORT + ["noise.probability=0"])
     codecs = set()
@@ -243,6 +252,7 @@ def test_cli_output_is_deterministic(tiny_bank: Path, tmp_path: Path, capsys: py
     (["--set", "turns.interruption_probability=1.5"], "probability"),
     (["--set", "noise.types={thunder: 1}"], "unknown entry 'thunder'"),
     (["--set", "turns.typo=1"], "unknown key 'typo'"),
+    (["--set", "turns.same_speaker_gap_seconds=-0.1"], "must be non-negative"),
     (["--set", "num_speakers=5"], "hold 3"),
     (["--split", "dev"], "unknown split"),
     (["--num", "0"], "at least 1"),
@@ -257,12 +267,12 @@ def test_cli_rejects_bad_input(tiny_bank: Path, tmp_path: Path, capsys: pytest.C
     assert message in error and "\n" not in error
 
 
-def test_dataset_shards_across_workers_and_ranks(tiny_bank: Path) -> None:
+def test_stream_shards_across_workers_and_ranks(tiny_bank: Path) -> None:
     config = load_preset("clean", ["duration=[3,4]", "num_speakers=2"])
 
     def take(rank: int, count: int) -> list:
-        dataset = ConversationDataset(tiny_bank, "train", config, seed=11, rank=rank, world_size=2)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+        stream = ConversationStream(tiny_bank, "train", config, seed=11, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
         taken = []
         for conversation in loader:
             taken.append((conversation.meta["index"], hashlib.sha256(conversation.audio.tobytes()).hexdigest()))
@@ -282,10 +292,14 @@ def test_curriculum_switches_presets_by_global_index(tiny_bank: Path) -> None:
         CurriculumStage(start=0, presets={"clean": 1.0}, overrides=["duration=[3,4]"]),
         CurriculumStage(start=4, presets={"overlap": 1.0, "phone": 1.0}, overrides=["duration=[5,6]"]),
     ])
-    stream = iter(ConversationDataset(tiny_bank, "train", curriculum, seed=0))
+    stream = iter(ConversationStream(tiny_bank, "train", curriculum, seed=0))
     presets = [next(stream).meta["preset"] for _ in range(12)]
     assert presets[:4] == ["clean"] * 4 and set(presets[4:]) == {"overlap", "phone"}
-    resumed = iter(ConversationDataset(tiny_bank, "train", curriculum, seed=0, start=10))
+    resumed = iter(ConversationStream(tiny_bank, "train", curriculum, seed=0, start_batch=10))
     assert next(resumed).meta["index"] == 10
-    with pytest.raises(NanodrzError, match="must increase"):
+    batches = iter(ConversationStream(tiny_bank, "train", curriculum, seed=0, batch_size=3, start_batch=1))
+    assert [conversation.meta["index"] for conversation in next(batches)] == [3, 4, 5]
+    with pytest.raises(ConfigError, match="must increase"):
         Curriculum([CurriculumStage(start=0), CurriculumStage(start=0)])
+    with pytest.raises(ConfigError, match="at least one weight"):
+        CurriculumStage(presets={"clean": 0.0})

@@ -18,11 +18,13 @@ from nanodrz.bank import Bank
 from nanodrz.checkpoint import load_checkpoint, load_model
 from nanodrz.config import load_config
 from nanodrz.errors import NanodrzError
-from nanodrz.examples import (ExampleConfig, ExampleStream, StreamConfig, assemble_prompted_input, build_example,
-                              collate, example_item, single_speaker_stretches)
-from nanodrz.simulate import load_preset, simulate_conversation
+from nanodrz.examples import (ExampleConfig, assemble_prompted_input, build_example, collate, example_item,
+                              single_speaker_stretches)
+from nanodrz.simulate import simulate_conversation
+from nanodrz.simulation_config import load_preset
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
-from nanodrz.train import Config, train
+from nanodrz.train import train, training_stream
+from nanodrz.training_config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -91,13 +93,12 @@ def test_build_example_prompts_from_outside_the_chunk(tiny_bank):
     assert prompted >= 3
 
 
-def test_example_stream_is_the_same_for_any_worker_count_and_resumes(tiny_bank):
-    config = tiny_config(tiny_bank, Path("unused"))
+def test_training_stream_is_the_same_for_any_worker_count_and_resumes(tiny_bank):
+    config = tiny_config(tiny_bank, Path("unused"), "train.batch_size=2", "train.seed=5")
     tokenizer = Tokenizer(config.tokenizer)
 
     def batches(workers: int, start: int, count: int) -> list[dict]:
-        stream = ExampleStream(tiny_bank, "train", config.data.stream, config.data.examples, tokenizer,
-                               batch_size=2, seed=5, start_batch=start)
+        stream = training_stream(config, tokenizer, start_batch=start)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
         iterator = iter(loader)
         return [next(iterator) for _ in range(count)]
@@ -243,6 +244,9 @@ def test_ddp_with_two_gloo_processes(tiny_bank, tmp_path):
     ("train.steps=many", "expected an integer"),
     ("data.examples.chunk_seconds=[4, 40]", "may not exceed tokenizer.max_seconds"),
     ("data.stream.num_speakers=[2, 5]", "tokenizer has 4"),
+    ("data.split=dev", "unknown split"),
+    ("data.examples.prompt_probability=2", "prompt_probability"),
+    ("optim.min_lr=1", "min_lr"),
 ])
 def test_config_errors_exit_2(tiny_bank, tmp_path, capsys, override, message):
     code = cli.main(["train", str(TINY), "--set", f"data.bank={tiny_bank}", "--set",
@@ -254,7 +258,7 @@ def test_config_errors_exit_2(tiny_bank, tmp_path, capsys, override, message):
 
 def test_resume_treats_keys_missing_from_an_older_checkpoint_as_defaults(tiny_bank, tmp_path):
     from nanodrz.config import to_dict
-    from nanodrz.train import check_resume_compatible
+    from nanodrz.run_state import check_resume_compatible
 
     config = tiny_config(tiny_bank, tmp_path / "run")
     saved = {"model": to_dict(config.model), "tokenizer": to_dict(config.tokenizer)}

@@ -108,6 +108,19 @@ def available_music(directories: tuple[str, ...]) -> bool:
     return bool(music_clips(directories))
 
 
+def fade_ends(signal: np.ndarray, seconds: float) -> np.ndarray:
+    """Raised-cosine fade in and out over `seconds` (at most half the signal each), in place; returns `signal`.
+
+    A sound cut out of a longer one would otherwise start and stop with a click.
+    """
+    samples = min(int(seconds * SAMPLE_RATE), signal.size // 2)
+    if samples:
+        ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, samples))).astype(np.float32)
+        signal[:samples] *= ramp
+        signal[signal.size - samples:] *= ramp[::-1]
+    return signal
+
+
 def loop_slice(buffer: np.ndarray, offset: int, length: int) -> np.ndarray:
     """`length` samples of `buffer` from `offset`, wrapping around; a view when no wrap is needed."""
     offset %= buffer.size

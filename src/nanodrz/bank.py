@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,12 +22,13 @@ import numpy as np
 import soxr
 from scipy.signal import lfilter
 
+from nanodrz.audio import SAMPLE_RATE, normalize_level
 from nanodrz.errors import NanodrzError
-from nanodrz.fileio import atomic_path, write_json
+from nanodrz.fileio import write_json
 
-SAMPLE_RATE = 16000
 BANK_VERSION = 1
 SPLITS = ("train", "validation", "test")
+BABBLE_SEED = 1234  # fixed, so that every process and DataLoader worker holds the same babble
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ class Bank:
         self._region_count = np.asarray(region_count, dtype=np.int64)
         self._regions = np.asarray(regions, dtype=np.float32).reshape(-1, 2)
         self._utterances_by_speaker = [np.asarray(u, dtype=np.int64) for u in utterances_by_speaker]
+        self._babble: dict[tuple[int, float], np.ndarray] = {}
 
     @property
     def num_speakers(self) -> int:
@@ -219,11 +222,6 @@ class Bank:
     def utterances_of(self, speaker_index: int) -> np.ndarray:
         """Global utterance indices spoken by speaker `speaker_index` (pseudo-speakers share their base's)."""
         return self._utterances_by_speaker[speaker_index]
-
-    def duration(self, utterance: int, speaker_index: int) -> float:
-        """Seconds of audio of `utterance` as spoken by `speaker_index` (perturbation included)."""
-        speed = self.speakers[speaker_index].perturbation.speed
-        return float(self._lengths[utterance]) / SAMPLE_RATE / speed
 
     def regions(self, utterance: int, speaker_index: int) -> np.ndarray:
         """Speech regions (K, 2) in seconds, in the time axis of `audio(utterance, speaker_index)`."""
@@ -241,15 +239,29 @@ class Bank:
         audio = self.raw_audio(utterance).astype(np.float32) * np.float32(1 / 32768)
         return apply_perturbation(audio, self.speakers[speaker_index].perturbation)
 
-    def speaker_seconds(self) -> np.ndarray:
-        """Seconds of stored audio per speaker, perturbation included."""
-        return np.asarray([
-            self._lengths[u].sum() / SAMPLE_RATE / info.perturbation.speed
-            for info, u in zip(self.speakers, self._utterances_by_speaker)
-        ])
-
     def iter_speakers(self) -> Iterator[tuple[int, SpeakerInfo]]:
         return iter(enumerate(self.speakers))
+
+    def babble(self, voices: int, seconds: float) -> np.ndarray:
+        """`seconds` of `voices` of these speakers talking at once, unit RMS: babble noise drawn from the
+        conversation's own split. Made on first use and kept, since a conversation needs only a stretch of it."""
+        key = (voices, seconds)
+        if key not in self._babble:
+            rng = np.random.default_rng(BABBLE_SEED)
+            length = int(seconds * SAMPLE_RATE)
+            babble = np.zeros(length, dtype=np.float32)
+            for _ in range(voices):
+                speaker = int(rng.integers(self.num_speakers))
+                utterances = self.utterances_of(speaker)
+                position = 0
+                while position < length:
+                    audio = self.audio(int(utterances[rng.integers(utterances.size)]), speaker)
+                    take = min(audio.size, length - position)
+                    babble[position:position + take] += normalize_level(audio, -20.0)[:take]
+                    position += max(take, SAMPLE_RATE)
+            rms = math.sqrt(float(np.mean(np.square(babble, dtype=np.float64))))
+            self._babble[key] = babble / np.float32(rms) if rms > 0 else babble
+        return self._babble[key]
 
 
 def apply_perturbation(audio: np.ndarray, perturbation: Perturbation) -> np.ndarray:

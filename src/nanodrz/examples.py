@@ -12,35 +12,30 @@ from one simulated conversation that is longer than the chunk:
   letters), and prompted speakers who do not speak in the chunk act as distractors;
 * targets are the chunk's turns shifted by the prompt length.
 
-`assemble_prompted_input` is the layout shared with long-form inference.
-The stream of examples is indexed: example i of a run is built from its own random generator
-seeded by (seed, i), so a resumed run sees exactly the examples an uninterrupted one would.
+`assemble_prompted_input` is the layout shared with long-form inference. `ExampleItems` turns the
+samples of the training stream (`nanodrz.stream`) into examples, drawing on each sample's own
+generator, so a resumed run sees exactly the examples an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from nanodrz.annotation import Turn
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.bank import Bank
-from nanodrz.errors import NanodrzError
+from nanodrz.config import check_positive, check_probability
+from nanodrz.errors import ConfigError
 from nanodrz.model import pad_audio, pad_values
-from nanodrz.simulate import (Conversation, Curriculum, SimulationConfig, as_range, check_bank, fixed_conversations,
-                              simulate_conversation)
+from nanodrz.simulate import Conversation, fixed_conversations
+from nanodrz.simulation_config import SimulationConfig
 from nanodrz.tokenizer import Encoded, Tokenizer
 
-if TYPE_CHECKING:
-    from nanodrz.recordings import RecordingSource
-
-PROMPT_GAP_SECONDS = 0.2
+PROMPT_GAP_SECONDS = 0.2  # silence between prompt clips: part of the model's input format, shared with inference
 EXAMPLE_STREAM = 2  # keeps chunk/prompt draws of fixed sets apart from the simulator's own streams
 
 
@@ -70,14 +65,15 @@ class ExampleConfig:
 
     def __post_init__(self):
         if not 0 < self.chunk_seconds[0] <= self.chunk_seconds[1]:
-            raise ValueError("chunk_seconds must be an increasing pair of positive numbers")
+            raise ConfigError("chunk_seconds must be an increasing pair of positive numbers")
         if not 0 < self.min_clip_seconds <= self.prompt_clip_seconds[0] <= self.prompt_clip_seconds[1]:
-            raise ValueError("need 0 < min_clip_seconds <= prompt_clip_seconds[0] <= prompt_clip_seconds[1]")
+            raise ConfigError("need 0 < min_clip_seconds <= prompt_clip_seconds[0] <= prompt_clip_seconds[1]")
         for name in ("prompt_probability", "prompt_speaker_probability", "distractor_probability"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1]")
-        if self.noise_turns < 0 or self.eos_weight < 0:
-            raise ValueError("noise_turns and eos_weight must not be negative")
+            check_probability(name, getattr(self, name))
+        if self.max_prompt_speakers < 0:
+            raise ConfigError(f"max_prompt_speakers = {self.max_prompt_speakers}: must be non-negative")
+        for name in ("stretch_merge_seconds", "noise_turns", "eos_weight"):
+            check_positive(name, getattr(self, name), allow_zero=True)
 
 
 @dataclass
@@ -208,54 +204,7 @@ def _noise_spans(turns: list[Turn], low: float, high: float, mean_count: float,
     return spans
 
 
-# --- the example stream ---------------------------------------------------------------------------
-@dataclass
-class StreamConfig:
-    """Which conversations the training stream simulates.
-
-    `curriculum` moves through simulator presets by global sample index (see `simulate.Curriculum`);
-    num_speakers / conversation_seconds, when set, replace every preset's own values, so a curriculum
-    can raise difficulty at a fixed speaker count, with conversations long enough to leave material
-    for prompt clips outside the chunk.
-    """
-
-    curriculum: Curriculum = field(default_factory=Curriculum)
-    num_speakers: tuple[int, int] | None = None
-    conversation_seconds: tuple[float, float] | None = (20.0, 40.0)
-
-
-Stages = list[tuple[int, list[tuple[str, SimulationConfig, float]]]]
-
-
-def adapt_preset(config: SimulationConfig, stream: StreamConfig, max_speakers: int, name: str) -> SimulationConfig:
-    """A preset with the stream's speaker count and length, checked against the tokenizer's letters."""
-    if stream.num_speakers is not None:
-        config = dataclasses.replace(config, num_speakers=tuple(stream.num_speakers))
-    if stream.conversation_seconds is not None:
-        config = dataclasses.replace(config, duration=tuple(stream.conversation_seconds))
-    most = as_range(config.num_speakers)[1]
-    if most > max_speakers:
-        raise NanodrzError(f"preset {name!r} has up to {most} speakers but the tokenizer has {max_speakers}; "
-                           "set data.stream.num_speakers or tokenizer.num_speakers")
-    return config
-
-
-def resolve_stages(stream: StreamConfig, max_speakers: int) -> Stages:
-    return [(start, [(name, adapt_preset(config, stream, max_speakers, name), weight)
-                     for name, config, weight in choices])
-            for start, choices in stream.curriculum.resolve()]
-
-
-def make_example(bank: Bank, stages: Stages, examples: ExampleConfig, tokenizer: Tokenizer, index: int,
-                 rng: np.random.Generator) -> Example:
-    """Example number `index` of a run: its preset from the curriculum, then a conversation, then a chunk."""
-    choices = [choices for start, choices in stages if start <= index][-1]
-    weights = np.asarray([weight for _, _, weight in choices], dtype=np.float64)
-    _, config, _ = choices[int(rng.choice(len(choices), p=weights / weights.sum()))]
-    conversation = simulate_conversation(bank, config, rng)
-    return build_example(conversation, examples, tokenizer.config.max_seconds, rng)
-
-
+# --- model input and targets ---------------------------------------------------------------------
 def example_item(example: Example, tokenizer: Tokenizer, eos_weight: float) -> dict[str, Any]:
     """Audio, tokens and weights, plus `spans`: (start, end, letter index) of every prompt clip and turn
     in the input's time axis, the frame-level targets of the activity loss."""
@@ -279,49 +228,16 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             "weights": weights, "spans": spans}
 
 
-class ExampleStream(IterableDataset):
-    """Endless collated batches of training examples, simulated on the fly, deterministic and resumable.
+class ExampleItems:
+    """The training stream's transform: a conversation cut into an example (`build_example`, drawing on the
+    sample's generator), as model input and targets (`example_item`). Picklable, for DataLoader workers."""
 
-    Batch b of rank r holds the examples with global index (b * world + r) * batch_size + j, each
-    built from `np.random.default_rng([seed, index])`. DataLoader workers take whole batches
-    round-robin (worker w makes batches start + w, start + w + W, ...), the order in which DataLoader
-    hands them out, so the batch sequence is the same for any number of workers and restarting at
-    batch `start` (a resumed run) continues it exactly. Use with `DataLoader(batch_size=None)`.
-    With `recordings`, the examples it claims (a draw of its own per index) are cut from annotated
-    recordings instead of simulated; the simulated ones stay those of a run without recordings.
-    """
+    def __init__(self, config: ExampleConfig, tokenizer: Tokenizer):
+        self.config, self.tokenizer = config, tokenizer
 
-    def __init__(self, bank_root: str | Path, split: str, stream: StreamConfig, examples: ExampleConfig,
-                 tokenizer: Tokenizer, batch_size: int, seed: int, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1, recordings: RecordingSource | None = None):
-        super().__init__()
-        self.bank_root, self.split = Path(bank_root), split
-        self.examples, self.tokenizer = examples, tokenizer
-        self.batch_size, self.seed, self.start_batch = batch_size, seed, start_batch
-        self.rank, self.world_size = rank, world_size
-        self.recordings = recordings
-        self.stages = resolve_stages(stream, tokenizer.num_speakers)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        bank = Bank(self.bank_root, self.split)
-        for _, choices in self.stages:
-            for _, config, _ in choices:
-                check_bank(bank, config)
-        batch = self.start_batch + worker
-        while True:
-            items = []
-            for j in range(self.batch_size):
-                index = (batch * self.world_size + self.rank) * self.batch_size + j
-                example = None if self.recordings is None else self.recordings.example(
-                    self.seed, index, self.examples, self.tokenizer.config.max_seconds)
-                if example is None:
-                    example = make_example(bank, self.stages, self.examples, self.tokenizer, index,
-                                           np.random.default_rng([self.seed, index]))
-                items.append(example_item(example, self.tokenizer, self.examples.eos_weight))
-            yield collate(items)
-            batch += workers
+    def __call__(self, conversation: Conversation, rng: np.random.Generator) -> dict[str, Any]:
+        example = build_example(conversation, self.config, self.tokenizer.config.max_seconds, rng)
+        return example_item(example, self.tokenizer, self.config.eos_weight)
 
 
 def fixed_examples(bank: Bank, config: SimulationConfig, examples: ExampleConfig, max_seconds: float,

@@ -35,14 +35,13 @@ from nanodrz.audio import SAMPLE_RATE
 from nanodrz.errors import NanodrzError
 
 if TYPE_CHECKING:
-    from nanodrz.simulate import NonSpeechConfig
+    from nanodrz.simulation_config import NonSpeechConfig
 
 RECORDED_KINDS = ("music", "effects")
 SYNTHESISED_KINDS = ("noise", "hum", "dc", "clicks", "keyboard", "tone", "square", "room")
 KINDS = (*RECORDED_KINDS, *SYNTHESISED_KINDS, "babble")
 LEVEL_FRAME_SECONDS = 0.02
 LEVEL_FLOOR_DB = 30.0  # frames this far below the loudest one do not count towards the level
-FADE_SECONDS = 0.01
 
 
 def active_level_db(signal: np.ndarray) -> float:
@@ -150,15 +149,6 @@ def _keyboard(length: int, rng: np.random.Generator) -> np.ndarray:
     return lfilter(*band, excitation).astype(np.float32)
 
 
-def _fade(signal: np.ndarray) -> np.ndarray:
-    samples = min(int(FADE_SECONDS * SAMPLE_RATE), signal.size // 2)
-    if samples:
-        ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, samples))).astype(np.float32)
-        signal[:samples] *= ramp
-        signal[signal.size - samples:] *= ramp[::-1]
-    return signal
-
-
 def silent_stretches(speech: list[tuple[float, float]], duration: float,
                      min_seconds: float) -> list[tuple[float, float]]:
     """The stretches of [0, duration] outside `speech` (sorted, disjoint intervals) at least `min_seconds` long."""
@@ -224,7 +214,7 @@ def add_sounds(mix: np.ndarray, config: NonSpeechConfig, speech: list[tuple[floa
                 signal = clip[:length].copy()
             level = speech_level_db + float(rng.uniform(*config.level_db))
         if placement != "under everything":
-            signal = _fade(signal)
+            signal = acoustics.fade_ends(signal, config.fade_seconds)
         signal = at_level(signal, level)
         mix[first:first + length] += signal
         added.append({"type": kind, "placement": placement, "start": round(first / SAMPLE_RATE, 3),

@@ -7,8 +7,9 @@ disk only where it is sliced, so `examples.build_example` cuts chunks and picks 
 exactly as it does from simulated conversations, and hours-long recordings cost no memory.
 
 Recordings are held out for validation whole, chosen by a hash of (seed, name), and the training
-stream takes example i from the recordings when a generator seeded by (seed, RECORDINGS_STREAM, i)
-says so: the mix is the same for any number of DataLoader workers or torchrun ranks, and resumable.
+stream (`nanodrz.stream`) takes sample i from the recordings when a generator seeded by
+(seed, RECORDINGS_STREAM, i) says so: the mix is the same for any number of DataLoader workers or
+torchrun ranks, and resumable.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import soundfile as sf
 
 from nanodrz.annotation import Turn, read_rttm
 from nanodrz.audio import SAMPLE_RATE, resample, to_mono
-from nanodrz.diarize import AUDIO_EXTENSIONS
-from nanodrz.errors import NanodrzError
+from nanodrz.longform import AUDIO_EXTENSIONS
+from nanodrz.errors import ConfigError, NanodrzError
 from nanodrz.evaluate import Uem, read_uem
 from nanodrz.examples import Example, ExampleConfig, build_example
 from nanodrz.simulate import Conversation
 
-RECORDINGS_STREAM = 3  # keeps the recordings' draws apart from the simulator's (1) and fixed examples' (2)
+RECORDINGS_STREAM = 3  # keeps the recordings' draws apart from the stream's own and fixed examples' (2)
 
 
 @dataclass
@@ -51,13 +52,13 @@ class RecordingsConfig:
 
     def __post_init__(self):
         if not self.path:
-            raise ValueError("recordings.path must name a folder or a list file")
+            raise ConfigError("recordings.path must name a folder or a list file")
         if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"recordings.ratio must lie in [0, 1], got {self.ratio:g}")
+            raise ConfigError(f"recordings.ratio must lie in [0, 1], got {self.ratio:g}")
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"recordings.validation_fraction must lie in [0, 1), got {self.validation_fraction:g}")
+            raise ConfigError(f"recordings.validation_fraction must lie in [0, 1), got {self.validation_fraction:g}")
         if self.seed < 0:
-            raise ValueError(f"recordings.seed must not be negative, got {self.seed}")
+            raise ConfigError(f"recordings.seed must not be negative, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def conversations(recording: Recording) -> list[Conversation]:
 class RecordingSource:
     """The recordings' side of the training stream; picklable, so DataLoader workers get a copy.
 
-    Example `index` comes from the recordings with probability `ratio`; its stretch is drawn in
+    Sample `index` comes from the recordings with probability `ratio`; its stretch is drawn in
     proportion to length, so every annotated second is equally likely to be chunked.
     """
 
@@ -151,20 +152,24 @@ class RecordingSource:
         lengths = np.asarray([len(c.audio) for c in self.conversations], dtype=np.float64)
         self.weights = lengths / lengths.sum() if len(lengths) else lengths
 
-    def example(self, seed: int, index: int, examples: ExampleConfig, max_seconds: float) -> Example | None:
-        """Example `index` of the stream if it is one of the recordings', else None (simulate it)."""
+    def draw(self, seed: int, index: int) -> tuple[Conversation, np.random.Generator] | None:
+        """The stretch of sample `index` of the stream and the generator to go on with (to cut it), if the
+        sample is one of the recordings'; else None (simulate it)."""
         rng = np.random.default_rng([seed, RECORDINGS_STREAM, index])
         if rng.random() >= self.ratio:
             return None
-        conversation = self.conversations[int(rng.choice(len(self.conversations), p=self.weights))]
-        return build_example(conversation, examples, max_seconds, rng)
+        return self.conversations[int(rng.choice(len(self.conversations), p=self.weights))], rng
 
 
 def validation_examples(recordings: Sequence[Recording], examples: ExampleConfig, max_seconds: float,
                         count: int, seed: int) -> list[Example]:
     """The same `count` prompted chunks of the held-out recordings for a given seed, held in memory."""
     source = RecordingSource(recordings, 1.0)
-    return [source.example(seed, index, examples, max_seconds) for index in range(count)]
+    examples_made = []
+    for index in range(count):
+        conversation, rng = source.draw(seed, index)
+        examples_made.append(build_example(conversation, examples, max_seconds, rng))
+    return examples_made
 
 
 # --- reading a source ------------------------------------------------------------------------------
