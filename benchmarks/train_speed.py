@@ -103,7 +103,8 @@ def main() -> None:
             ("data", data_seconds, audio_hours(batches), total * config.train.batch_size),
             ("model", model_seconds, audio_hours(timed), samples),
             ("loop", loop_seconds, audio_hours(looped), samples)):
-        print(f"{name:8} {count / seconds:10.2f} {hours / seconds:10.4f} {seconds / (count / config.train.batch_size):8.3f}")
+        steps = count / config.train.batch_size
+        print(f"{name:8} {count / seconds:10.2f} {hours / seconds:10.4f} {seconds / steps:8.3f}")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ from nanodrz.paths import cache_dir
 COLOURED_NOISES = ("white", "pink", "brown")
 NOISE_TYPES = (*COLOURED_NOISES, "babble", "music")
 CODECS = ("none", "mulaw", "gsm")
-NOISE_BUFFER_SECONDS = 60.0
+NOISE_BUFFER_SECONDS = 60.0  # length of every noise buffer (noise, music, babble), read at random offsets
 
+# The room bank's recipe. The bank is simulated once and cached under a name that carries
+# RIR_BANK_VERSION, so these are facts of version 1: changing one needs a new version, not a setting.
 RIR_BANK_VERSION = 1
 ROOM_RT60_RANGE = (0.15, 1.0)
 SOURCES_PER_ROOM = 8

@@ -43,6 +43,8 @@ from nanodrz.sources import Source, Utterance, builtin_sources
 from nanodrz.sources.corpus import Corpus
 from nanodrz.vad import speech_regions, split_at_pauses, trim_silence
 
+# The bank's recipe (see the docstring). A shard is reused while its recipe is unchanged, and these two are
+# part of it through RECIPE_VERSION: changing one needs a new version, so that every shard is rebuilt.
 RECIPE_VERSION = 1
 MAX_UTTERANCE_SECONDS = 15.0
 PSEUDO_SPEAKERS = (
@@ -63,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-utterances-per-voice", type=int, default=None, metavar="N",
                         help="utterances per speaker (default: 40 per TTS voice, 50 per corpus speaker, "
                              "all of the packaged recordings)")
-    parser.add_argument("--pseudo-speakers", type=int, default=len(PSEUDO_SPEAKERS), choices=range(len(PSEUDO_SPEAKERS) + 1),
+    parser.add_argument("--pseudo-speakers", type=int, default=len(PSEUDO_SPEAKERS),
+                        choices=range(len(PSEUDO_SPEAKERS) + 1),
                         help=f"perturbed copies per trainable voice (default {len(PSEUDO_SPEAKERS)})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="parallel worker processes for synthesis and decoding (default: all cores)")
@@ -116,7 +119,7 @@ def render(source: Source, utterance: Utterance) -> Rendered:
     ])
 
 
-_worker_source: Source | None = None
+_worker_source: Source | None = None  # the source a pool worker renders, set once per worker process
 
 
 def _start_worker(source: Source) -> None:

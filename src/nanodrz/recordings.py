@@ -194,7 +194,8 @@ def find_recordings(path: Path) -> list[tuple[str, Path, Path | None, Path | Non
             if not fields or fields[0].startswith("#"):
                 continue
             if len(fields) not in (2, 3):
-                raise NanodrzError(f"recordings: {path}:{number}: expected 'audio rttm [uem]', got {len(fields)} fields")
+                raise NanodrzError(f"recordings: {path}:{number}: expected 'audio rttm [uem]', "
+                                   f"got {len(fields)} fields")
             audio, rttm, *uem = (path.parent / field for field in fields)
             found.append((Path(fields[0]).with_suffix("").as_posix(), audio, rttm, uem[0] if uem else None))
     if not found:

@@ -156,7 +156,7 @@ class SimulationConfig:
     level_dbfs: tuple[float, float] = (-30.0, -20.0)  # speech level of the conversation
     loudness_gap_db: tuple[float, float] = (0.0, 6.0)  # spread of per-speaker levels around it
     utterance_level_jitter_db: float = 1.0  # each slice's level varies by up to this much
-    slice_fade_seconds: float = 0.01  # raised-cosine fade at both ends of every slice: a cut inside speech does not click
+    slice_fade_seconds: float = 0.01  # raised-cosine fade at both ends of each slice: a cut in speech does not click
     turns: TurnTakingConfig = field(default_factory=TurnTakingConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     reverb: ReverbConfig = field(default_factory=ReverbConfig)

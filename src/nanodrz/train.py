@@ -133,6 +133,28 @@ def training_stream(config: Config, tokenizer: Tokenizer, start_batch: int = 0, 
 
 
 # --- the loop -------------------------------------------------------------------------------------
+def training_losses(net: torch.nn.Module, model: DiarizationModel, batch: dict[str, torch.Tensor], config: Config
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to minimise, the token loss alone (logged as `loss`), and the losses of the model's frame heads
+    (`activity_loss`, `speaker_count_loss`), which the first one adds at their configured weights."""
+    if model.activity is None and model.speaker_count is None:
+        logits = net(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"])
+        token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
+        return token_loss, token_loss, {}
+    logits, heads, frames = net(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"],
+                                frame_heads=True)
+    loss = token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
+    head_losses = {}
+    if "activity" in heads:
+        head_losses["activity_loss"] = activity_loss(heads["activity"], frames, batch["spans"], config.model.frame_rate)
+        loss = loss + config.train.activity_weight * head_losses["activity_loss"]
+    if "speaker_count" in heads:
+        head_losses["speaker_count_loss"] = speaker_count_loss(heads["speaker_count"], frames, batch["spans"],
+                                                               config.model.frame_rate)
+        loss = loss + config.train.speaker_count_weight * head_losses["speaker_count_loss"]
+    return loss, token_loss, head_losses
+
+
 def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     """Train as configured; returns the last logged metrics (main process)."""
     env = setup_distributed(config.train.device)
@@ -217,7 +239,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     progress = tqdm(total=config.train.steps, initial=start_step, disable=not env.main, desc="train",
                     dynamic_ncols=True)
     window_loss, window_steps, window_audio, window_samples, window_start = 0.0, 0, 0.0, 0, time.perf_counter()
-    window_activity = window_count = 0.0
+    window_heads: dict[str, float] = {}  # the frame heads' losses, this rank's
     total_audio_hours = checkpoint.state.get("audio_hours_seen", 0.0) if checkpoint is not None else 0.0
     session_start = time.perf_counter()
     batches = iter(loader)
@@ -227,29 +249,16 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
             batch = {k: v.to(env.device, non_blocking=True) for k, v in next(batches).items()}
             net.train()
             with autocast():
-                if model.activity is not None or model.speaker_count is not None:
-                    logits, heads, frames = net(batch["audio"], batch["audio_lengths"], batch["tokens"],
-                                                batch["token_lengths"], frame_heads=True)
-                    loss = token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
-                    if "activity" in heads:
-                        frame_loss = activity_loss(heads["activity"], frames, batch["spans"], config.model.frame_rate)
-                        window_activity += float(frame_loss.detach())
-                        loss = loss + config.train.activity_weight * frame_loss
-                    if "speaker_count" in heads:
-                        count_loss = speaker_count_loss(heads["speaker_count"], frames, batch["spans"],
-                                                        config.model.frame_rate)
-                        window_count += float(count_loss.detach())
-                        loss = loss + config.train.speaker_count_weight * count_loss
-                else:
-                    logits = net(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"])
-                    loss = token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
+                loss, token_loss, head_losses = training_losses(net, model, batch, config)
+            for name, value in head_losses.items():
+                window_heads[name] = window_heads.get(name, 0.0) + float(value.detach())
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             # Gradients are all-reduced, so every rank sees the same norm and stops at the same step.
             if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):
                 raise NanodrzError(f"step {step + 1}: the loss or the gradients are not finite (loss "
-                                   f"{float(loss.detach()):g}, gradient norm {float(grad_norm):g}); training stopped and "
-                                   f"the checkpoints in {run_dir} were kept as they were. Lower optim.lr or check "
+                                   f"{float(loss.detach()):g}, gradient norm {float(grad_norm):g}); training stopped "
+                                   f"and the checkpoints in {run_dir} were kept as they were. Lower optim.lr or check "
                                    "the data and the checkpoint you started from")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -271,13 +280,11 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                                "grad_norm": float(grad_norm), "samples_per_s": window_samples / elapsed,
                                "audio_hours_per_s": window_audio / 3600 / elapsed,
                                "audio_hours_seen": total_audio_hours}
-                if model.activity is not None:  # this rank's mean; `loss` is the token loss alone
-                    last_record["activity_loss"] = window_activity / window_steps
-                if model.speaker_count is not None:
-                    last_record["speaker_count_loss"] = window_count / window_steps
+                # `loss` is the token loss alone; the heads' losses are this rank's means
+                last_record.update({name: total / window_steps for name, total in window_heads.items()})
                 log.write(last_record)
                 progress.set_postfix(loss=f"{last_record['loss']:.3f}", lr=f"{last_record['lr']:.2e}")
-                window_loss, window_steps, window_audio, window_samples, window_activity, window_count = 0.0, 0, 0.0, 0, 0.0, 0.0
+                window_loss, window_steps, window_audio, window_samples, window_heads = 0.0, 0, 0.0, 0, {}
                 window_start = time.perf_counter()
             if step % config.train.eval_interval == 0 or step == config.train.steps:
                 if env.main:
@@ -285,15 +292,17 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                                        validation_options(config.data.validation), env.device, autocast)
                     log.write({"step": step, **metrics})
                     last_record = {**last_record, **metrics}
-                    tqdm.write(f"step {step}: val loss {metrics['val_loss']:.4f}, val DER {100 * metrics['val_der']:.2f}%")
+                    tqdm.write(f"step {step}: val loss {metrics['val_loss']:.4f}, "
+                               f"val DER {100 * metrics['val_der']:.2f}%")
                     if metrics["val_der"] < best_der:
                         best_der = metrics["val_der"]
                         save_checkpoint(run_dir / "best.safetensors", model, step, to_dict(config))
                     log.plot()
                 if env.world_size > 1:
                     dist.barrier()
+            minutes = (time.perf_counter() - session_start) / 60
             stop = step == config.train.stop_at_step or (
-                config.train.max_minutes is not None and time.perf_counter() - session_start > 60 * config.train.max_minutes)
+                config.train.max_minutes is not None and minutes > config.train.max_minutes)
             if env.world_size > 1:  # every rank must stop at the same step
                 flag = torch.tensor(float(stop), device=env.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
