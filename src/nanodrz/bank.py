@@ -161,7 +161,7 @@ class Bank:
     """
 
     def __init__(self, root: str | Path, splits: tuple[str, ...] | str = "train"):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
         for split in splits:
             if split not in SPLITS:

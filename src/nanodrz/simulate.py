@@ -64,6 +64,7 @@ class Conversation:
 
 
 def check_bank(bank: Bank, config: SimulationConfig) -> None:
+    """The bank's split(s) must hold as many speakers as a conversation of `config` may need."""
     needed = as_range(config.num_speakers)[1]
     if needed > bank.num_speakers:
         raise NanodrzError(
