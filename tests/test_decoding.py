@@ -191,21 +191,12 @@ def test_decode_rejects_audio_longer_than_the_model():
         decode(model, [np.zeros(7 * SR, dtype=np.float32)])
 
 
-def test_snap_turn_moves_boundaries_to_the_nearest_activity_crossing():
-    from nanodrz.decoding import snap_turn
+def test_options_are_frozen_and_a_replaced_copy_is_checked_again():
+    import dataclasses
 
-    # 25 frames/s; letter A active on frames 10-29 (0.38-1.18 s at the half-frame changes), B never.
-    activity = torch.zeros(50, 2)
-    activity[10:30, 0] = 0.9
-    snapped = snap_turn(Turn(0.44, 1.08, "A"), activity, 25.0, 0.2)
-    assert (snapped.start, snapped.end) == (pytest.approx(0.38), pytest.approx(1.18))
-    # Out of reach, another speaker with no crossing, or a label the head does not know: unchanged.
-    assert snap_turn(Turn(0.8, 1.6, "A"), activity, 25.0, 0.2) == Turn(0.8, 1.6, "A")
-    assert snap_turn(Turn(0.44, 1.08, "B"), activity, 25.0, 0.2) == Turn(0.44, 1.08, "B")
-    assert snap_turn(Turn(0.44, 1.08, "NOISE"), activity, 25.0, 0.2) == Turn(0.44, 1.08, "NOISE")
-    # A snap that would leave nothing of the turn (start to the rise at 1.30 s, end to the fall at 1.18 s)
-    # is refused.
-    activity[33:40, 0] = 0.9
-    assert snap_turn(Turn(1.2, 1.25, "A"), activity, 25.0, 0.2) == Turn(1.2, 1.25, "A")
-    with pytest.raises(NanodrzError, match="snap_seconds"):
-        DecodingOptions(snap_seconds=-1)
+    options = DecodingOptions(max_triples=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.max_speakers = 2
+    assert dataclasses.replace(options, max_speakers=2) == DecodingOptions(max_triples=8, max_speakers=2)
+    with pytest.raises(NanodrzError, match="eos_penalty"):
+        dataclasses.replace(options, eos_penalty=float("nan"))

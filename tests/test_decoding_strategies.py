@@ -16,11 +16,10 @@ from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 TOK = Tokenizer(TokenizerConfig(time_resolution=0.1, max_seconds=10.0, num_speakers=4, noise_token=False))
 
 
-class ScriptedCache:
+class ScriptedGeneration:
     def __init__(self, rows: int):
         self.history = [[] for _ in range(rows)]
-        self.activity = self.speaker_counts = None  # no frame-level heads
-        self.voices = None  # no window embeddings
+        self.speaker_counts = None  # no overlap head
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.history = [list(self.history[r]) for r in rows.tolist()]
@@ -35,21 +34,21 @@ class ScriptedModel(torch.nn.Module):
         self.tokenizer = TOK
         self.script = script
 
-    def logits(self, cache: ScriptedCache) -> torch.Tensor:
-        out = torch.full((len(cache.history), TOK.vocab_size), -30.0)
-        for row, history in enumerate(cache.history):
+    def logits(self, generation: ScriptedGeneration) -> torch.Tensor:
+        out = torch.full((len(generation.history), TOK.vocab_size), -30.0)
+        for row, history in enumerate(generation.history):
             for token, probability in self.script(history).items():
                 out[row, token] = math.log(probability)
         return out
 
     def prefill(self, audio, audio_lengths, tokens, token_lengths, max_new):
-        cache = ScriptedCache(audio.shape[0])
-        return cache, self.logits(cache), torch.zeros(audio.shape[0], dtype=torch.long)
+        generation = ScriptedGeneration(audio.shape[0])
+        return generation, self.logits(generation), torch.zeros(audio.shape[0], dtype=torch.long)
 
-    def step(self, cache, tokens, pos):
+    def step(self, generation, tokens, pos):
         for row, token in enumerate(tokens.tolist()):
-            cache.history[row].append(token)
-        return self.logits(cache)
+            generation.history[row].append(token)
+        return self.logits(generation)
 
 
 T = TOK.time_token

@@ -2,8 +2,11 @@ import pytest
 import torch
 
 from nanodrz.features import MelFrontEnd, mel_filterbank
-from nanodrz.model import (DiarizationModel, ModelConfig, activity_loss, activity_targets, attention_mask, sequence_loss,
-                           speaker_count_loss)
+from nanodrz.config import from_dict
+from nanodrz.errors import NanodrzError
+from nanodrz.extras import TimePointer
+from nanodrz.model import (DiarizationModel, ModelConfig, TokenContext, attention_mask, sequence_loss,
+                           speaker_count_loss, speaker_count_targets)
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 
 SR = 16000
@@ -74,12 +77,12 @@ def test_late_audio_reaches_early_audio_only_in_prefix_mode(attention):
     model = make_model(attention)
     audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(2), model)
     with torch.no_grad():
-        table = model.token_table()
+        token_x = torch.nn.functional.embedding(tokens, model.token_table())
         audio_x, frames, _ = model.embed_audio(audio, audio_lengths)
         changed = audio_x.clone()
         changed[:, 40:] += 1.0
-        a = model.hidden(audio_x, frames, tokens, token_lengths, table)
-        b = model.hidden(changed, frames, tokens, token_lengths, table)
+        a = model.hidden(audio_x, frames, token_x, token_lengths)
+        b = model.hidden(changed, frames, token_x, token_lengths)
     early_changed = not torch.allclose(a[:, :40], b[:, :40])
     assert early_changed == (attention == "prefix")
     assert not torch.allclose(a[:, -9:], b[:, -9:])  # tokens always see all audio
@@ -133,55 +136,49 @@ def test_sequence_loss_counts_weighted_targets_only():
     assert float(all_targets) == pytest.approx((2 * torch.log(torch.tensor(5.0))).item() / 3, rel=1e-4)
 
 
-def test_activity_targets_and_loss_by_hand():
-    # Letter 0 talks 0-0.1 s, letter 1 0.08-0.2 s; frames are centred at 0, 0.04, ..., 0.2 s; one padding span.
-    spans = torch.tensor([[[0.0, 0.1, 0.0], [0.08, 0.2, 1.0], [-1.0, -1.0, -1.0]]])
-    expected = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.float32)
-    torch.testing.assert_close(activity_targets(spans, 6, 25.0, 3)[0], expected)
-    # Zero logits cost log 2 on every real frame; confident right answers on the real frames cost ~0, and
-    # the frame past the item's length is not counted however wrong it is.
-    assert float(activity_loss(torch.zeros(1, 6, 3), torch.tensor([5]), spans, 25.0)) == pytest.approx(0.693147, abs=1e-5)
-    confident = (expected * 2 - 1) * 30
-    confident[5] = 30.0
-    assert float(activity_loss(confident[None], torch.tensor([5]), spans, 25.0)) < 1e-6
+def test_the_retired_activity_head_is_accepted_only_off():
+    assert not from_dict(ModelConfig, {"d_model": 32, "activity_head": False}).activity_head  # as checkpoints stored it
+    with pytest.raises(NanodrzError, match="activity_head is retired"):
+        from_dict(ModelConfig, {"activity_head": True})
 
 
-@pytest.mark.parametrize("options, head, width, cached, probabilities", [
-    ({"activity_head": True}, "activity", 4, "activity", torch.sigmoid),
-    ({"overlap_head": True}, "speaker_count", 3, "speaker_counts", lambda logits: torch.softmax(logits, -1)),
-    ({"overlap_head": True, "overlap_head_layers": 3}, "speaker_count", 3, "speaker_counts",
-     lambda logits: torch.softmax(logits, -1)),
-])
-def test_frame_heads_output_one_row_per_audio_frame(options, head, width, cached, probabilities):
+@pytest.mark.parametrize("layers", [1, 3])
+def test_speaker_count_head_outputs_one_row_per_audio_frame(layers):
     torch.manual_seed(0)
     tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.04, max_seconds=8.0, num_speakers=4))
-    model = DiarizationModel(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_mels=40, **options), tokenizer)
+    config = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_mels=40, overlap_head=True, overlap_head_layers=layers)
+    model = DiarizationModel(config, tokenizer)
     audio, audio_lengths, tokens, token_lengths = random_batch(torch.Generator().manual_seed(1), model)
     logits, heads, frames = model(audio, audio_lengths, tokens, token_lengths, frame_heads=True)
     torch.testing.assert_close(logits, model(audio, audio_lengths, tokens, token_lengths))
-    assert set(heads) == {head} and heads[head].shape == (2, int(frames.max()), width)
+    assert set(heads) == {"speaker_count"} and heads["speaker_count"].shape == (2, int(frames.max()), 3)
     assert frames.tolist() == model.front_end.num_frames(audio_lengths).tolist()
     with torch.no_grad():
-        cache, _, _ = model.prefill(audio, audio_lengths, tokens, token_lengths, max_new_tokens=3)
+        generation, _, _ = model.prefill(audio, audio_lengths, tokens, token_lengths, max_new_tokens=3)
     for i, n in enumerate(frames.tolist()):
-        torch.testing.assert_close(getattr(cache, cached)[i, :n], probabilities(heads[head][i, :n]), atol=1e-5,
-                                   rtol=1e-4)
+        torch.testing.assert_close(generation.speaker_counts[i, :n], torch.softmax(heads["speaker_count"][i, :n], -1),
+                                   atol=1e-5, rtol=1e-4)
     # Padding does not reach an item's frames (the overlap head's convolution sees neighbours).
     shorter = int(torch.argmin(audio_lengths))
     _, alone, n = model(audio[shorter:shorter + 1, :int(audio_lengths[shorter])], audio_lengths[shorter:shorter + 1],
                         tokens[shorter:shorter + 1, :int(token_lengths[shorter])], token_lengths[shorter:shorter + 1],
                         frame_heads=True)
-    torch.testing.assert_close(alone[head][0], heads[head][shorter, :int(n[0])], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alone["speaker_count"][0], heads["speaker_count"][shorter, :int(n[0])], atol=1e-5,
+                               rtol=1e-4)
     with pytest.raises(ValueError, match="no frame-level head"):
         make_model()(audio, audio_lengths, tokens, token_lengths, frame_heads=True)
     with pytest.raises(ValueError, match="overlap_head_layers"):
         ModelConfig(overlap_head=True, overlap_head_layers=0)
 
 
-def test_speaker_count_loss_by_hand():
+def test_speaker_count_targets_and_loss_by_hand():
     # Frames centred at 0, 0.04, ..., 0.2 s: counts 1, 1, 2, 1, 1, 0 from the spans; the last frame is padding.
     spans = torch.tensor([[[0.0, 0.1, 0.0], [0.08, 0.2, 1.0], [-1.0, -1.0, -1.0]]])
     targets = torch.tensor([1, 1, 2, 1, 1, 0])
+    assert speaker_count_targets(spans, 6, 25.0)[0].tolist() == targets.tolist()
+    # A letter whose spans overlap talks once.
+    twice = torch.tensor([[[0.0, 0.1, 0.0], [0.04, 0.2, 0.0]]])
+    assert speaker_count_targets(twice, 6, 25.0)[0].tolist() == [1, 1, 1, 1, 1, 0]
     assert float(speaker_count_loss(torch.zeros(1, 6, 3), torch.tensor([6]), spans, 25.0)) == pytest.approx(
         float(torch.log(torch.tensor(3.0))), abs=1e-5)
     confident = torch.nn.functional.one_hot(targets, 3).float() * 40
@@ -198,13 +195,13 @@ def test_speaker_count_loss_by_hand():
 def test_time_pointer_scores_each_time_token_by_the_frame_at_that_time():
     model = make_model(time_pointer=True)
     tok = model.tokenizer
-    logits = torch.zeros(1, 2, tok.vocab_size)
     hidden = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(5))
-    keys = torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(6))
-    frames = torch.tensor([40])
+    audio_hidden = torch.randn(1, 50, 32, generator=torch.Generator().manual_seed(6))
+    table = torch.zeros(tok.vocab_size, 32)  # no tied-layer logits: only the pointer's are left
     with torch.no_grad():
-        out = model.add_pointer(logits, hidden, keys, frames)
-        expected = model.pointer_query(hidden) @ keys.transpose(1, 2) / 32 ** 0.5
+        pointer = TimePointer.start(model, audio_hidden, frames=torch.tensor([40]))
+        out = model.token_logits(hidden, None, TokenContext(table, pointer=pointer))
+        expected = model.pointer_query(hidden) @ model.pointer_key(audio_hidden).transpose(1, 2) / 32 ** 0.5
     # 25 frames per second and 40 ms time tokens: time token k is frame k.
     for k in (0, 7, 39):
         torch.testing.assert_close(out[0, :, tok.time_offset + k], expected[0, :, k])

@@ -34,16 +34,16 @@ from nanodrz.model import DiarizationModel, pad_audio, pad_values
 from nanodrz.tokenizer import Tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodingOptions:
     """max_triples: most turns written per input; max_speakers: cap on letters (None = tokenizer's);
     min_speakers: EOS is refused until this many letters (prompt letters included) are used;
     keep_noise: also return turns the model labelled NOISE (speaker "NOISE"); beam_size: beams per
-    input for "beam"; temperature, top_p, seed: nucleus sampling for "sample"; snap_seconds: with a
-    model that has an activity head, move each written boundary to the nearest point within this many
-    seconds where the head's probability for that speaker crosses 0.5 (0 = keep the written times);
-    eos_penalty: subtracted from the EOS logit (nats): the shipped model stops too early without it (8 was
-    the best of 0 / 4 / 8 on validation speakers, see MODEL_CARD.md)."""
+    input for "beam"; temperature, top_p, seed: nucleus sampling for "sample"; eos_penalty: subtracted
+    from the EOS logit (nats): the shipped model stops too early without it (8 was the best of 0 / 4 / 8
+    on validation speakers, see MODEL_CARD.md).
+
+    Frozen, as checked once: a variant is `dataclasses.replace(options, ...)`, which checks it again."""
 
     strategy: Literal["greedy", "beam", "sample"] = "greedy"
     max_triples: int = 64
@@ -54,15 +54,12 @@ class DecodingOptions:
     temperature: float = 1.0
     top_p: float = 0.9
     seed: int = 0
-    snap_seconds: float = 0.0
     eos_penalty: float = 8.0  # the default model (v1); model v2 takes 2 (benchmarks/results/pipeline_settings.md)
 
     def __post_init__(self):
-        for name in ("snap_seconds", "eos_penalty", "temperature", "top_p"):
+        for name in ("eos_penalty", "temperature", "top_p"):
             if not math.isfinite(getattr(self, name)):
                 raise NanodrzError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.snap_seconds < 0:
-            raise NanodrzError("snap_seconds must not be negative")
         if self.strategy not in ("greedy", "beam", "sample"):
             raise NanodrzError(f"unknown decoding strategy {self.strategy!r} (greedy, beam or sample)")
         if self.beam_size < 1 or self.max_triples < 1:
@@ -276,12 +273,12 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     tokens, token_lengths = pad_values(given, tok.PAD, torch.long)
     tokens, token_lengths = tokens.to(device), token_lengths.to(device)
     max_new = 3 * options.max_triples + 1
-    cache, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new)
-    activity, speaker_counts = cache.activity, cache.speaker_counts
+    generation, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new)
+    speaker_counts = generation.speaker_counts
     beams = options.beam_size if options.strategy == "beam" else 1
     if beams > 1:
         rows = torch.arange(len(audio), device=device).repeat_interleave(beams)
-        cache.reorder(rows)
+        generation.reorder(rows)
         logits, pos = logits[rows], pos[rows]
     state = GrammarState(
         tokenizer=tok,
@@ -307,7 +304,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
             grammar_filter.apply(logits, state)
         if beams > 1:
             rows, chosen, scores = rerank_beams(scores, logits, beams)
-            cache.reorder(rows)
+            generation.reorder(rows)
             state.reorder(rows)
             logits, generated, probabilities, lengths = logits[rows], generated[rows], probabilities[rows], lengths[rows]
         else:
@@ -318,7 +315,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         state.update(chosen)
         if bool(state.finished.all()):
             break
-        logits = model.step(cache, chosen, pos)
+        logits = model.step(generation, chosen, pos)
         pos = pos + 1
     model.train(was_training)
     if beams > 1:
@@ -327,41 +324,11 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         generated, probabilities = generated[keep], probabilities[keep]
     results = [_result(tok, generated[i].tolist(), probabilities[i].tolist(), encoded[i].letters, options)
                for i in range(len(audio))]
-    if speaker_counts is not None or activity is not None:
-        frames = model.front_end.num_frames(audio_lengths)
     if speaker_counts is not None:
+        frames = model.front_end.num_frames(audio_lengths)
         for i, result in enumerate(results):
             result.speaker_counts = speaker_counts[i, :int(frames[i])].cpu().numpy()
-    if activity is not None and options.snap_seconds > 0:
-        for i, result in enumerate(results):
-            result.turns = [snap_turn(turn, activity[i, :int(frames[i])].cpu(), model.config.frame_rate,
-                                      options.snap_seconds) for turn in result.turns]
     return results
-
-
-def _nearest_crossing(crossings: torch.Tensor, target: float, reach: float) -> float | None:
-    if crossings.numel() == 0:
-        return None
-    best = crossings[(crossings - target).abs().argmin()]
-    return float(best) if abs(float(best) - target) <= reach else None
-
-
-def snap_turn(turn: Turn, activity: torch.Tensor, frame_rate: float, reach: float) -> Turn:
-    """`turn` with its start moved to the nearest rise, and its end to the nearest fall, of its speaker's
-    activity probability (T, speakers) within `reach` seconds; frame t is centred at t / frame_rate, so a
-    change between frames t - 1 and t lies at (t - 0.5) / frame_rate. Other labels, and snaps that would
-    empty the turn, leave it as written."""
-    if len(turn.speaker) != 1 or not "A" <= turn.speaker <= "Z" or ord(turn.speaker) - 65 >= activity.shape[1]:
-        return turn
-    active = activity[:, ord(turn.speaker) - 65] >= 0.5
-    changes = torch.nonzero(active[1:] != active[:-1]).flatten() + 1  # first frame after each change
-    rises = (changes[active[changes]].float() - 0.5) / frame_rate
-    falls = (changes[~active[changes]].float() - 0.5) / frame_rate
-    start = _nearest_crossing(rises, turn.start, reach)
-    end = _nearest_crossing(falls, turn.end, reach)
-    start = turn.start if start is None else round(start, 6)
-    end = turn.end if end is None else round(end, 6)
-    return Turn(start, end, turn.speaker) if end > start else turn
 
 
 def _result(tok: Tokenizer, tokens: list[int], probabilities: list[float], letters: dict[str, str],
