@@ -37,7 +37,7 @@ from nanodrz.config import load_config, to_dict
 from nanodrz.errors import NanodrzError
 from nanodrz.examples import ExampleItems, collate
 from nanodrz.features import bf16_is_fast
-from nanodrz.model import DiarizationModel, activity_loss, sequence_loss, speaker_count_loss
+from nanodrz.model import DiarizationModel, sequence_loss, speaker_count_loss
 from nanodrz.recordings import RecordingSource, load_recordings
 from nanodrz.run_log import RunLog
 from nanodrz.run_state import (catch_stop_signals, check_resume_compatible, initialise_from, restore_rng_states,
@@ -135,24 +135,17 @@ def training_stream(config: Config, tokenizer: Tokenizer, start_batch: int = 0, 
 # --- the loop -------------------------------------------------------------------------------------
 def training_losses(net: torch.nn.Module, model: DiarizationModel, batch: dict[str, torch.Tensor], config: Config
                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss to minimise, the token loss alone (logged as `loss`), and the losses of the model's frame heads
-    (`activity_loss`, `speaker_count_loss`), which the first one adds at their configured weights."""
-    if model.activity is None and model.speaker_count is None:
+    """The loss to minimise, the token loss alone (logged as `loss`), and the loss of the model's frame head
+    (`speaker_count_loss`, of `model.overlap_head`), which the first one adds at its configured weight."""
+    if model.speaker_count is None:
         logits = net(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"])
         token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
         return token_loss, token_loss, {}
     logits, heads, frames = net(batch["audio"], batch["audio_lengths"], batch["tokens"], batch["token_lengths"],
                                 frame_heads=True)
-    loss = token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
-    head_losses = {}
-    if "activity" in heads:
-        head_losses["activity_loss"] = activity_loss(heads["activity"], frames, batch["spans"], config.model.frame_rate)
-        loss = loss + config.train.activity_weight * head_losses["activity_loss"]
-    if "speaker_count" in heads:
-        head_losses["speaker_count_loss"] = speaker_count_loss(heads["speaker_count"], frames, batch["spans"],
-                                                               config.model.frame_rate)
-        loss = loss + config.train.speaker_count_weight * head_losses["speaker_count_loss"]
-    return loss, token_loss, head_losses
+    token_loss = sequence_loss(logits, batch["tokens"], batch["weights"])
+    count_loss = speaker_count_loss(heads["speaker_count"], frames, batch["spans"], config.model.frame_rate)
+    return token_loss + config.train.speaker_count_weight * count_loss, token_loss, {"speaker_count_loss": count_loss}
 
 
 def train(config: Config, resume: str | None = None) -> dict[str, Any]:
@@ -239,7 +232,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     progress = tqdm(total=config.train.steps, initial=start_step, disable=not env.main, desc="train",
                     dynamic_ncols=True)
     window_loss, window_steps, window_audio, window_samples, window_start = 0.0, 0, 0.0, 0, time.perf_counter()
-    window_heads: dict[str, float] = {}  # the frame heads' losses, this rank's
+    window_heads: dict[str, float] = {}  # the frame head's loss, this rank's
     total_audio_hours = checkpoint.state.get("audio_hours_seen", 0.0) if checkpoint is not None else 0.0
     session_start = time.perf_counter()
     batches = iter(loader)
@@ -280,7 +273,7 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                                "grad_norm": float(grad_norm), "samples_per_s": window_samples / elapsed,
                                "audio_hours_per_s": window_audio / 3600 / elapsed,
                                "audio_hours_seen": total_audio_hours}
-                # `loss` is the token loss alone; the heads' losses are this rank's means
+                # `loss` is the token loss alone; the frame head's loss is this rank's mean
                 last_record.update({name: total / window_steps for name, total in window_heads.items()})
                 log.write(last_record)
                 progress.set_postfix(loss=f"{last_record['loss']:.3f}", lr=f"{last_record['lr']:.2e}")

@@ -106,8 +106,7 @@ class RunConfig:
     init_from: a checkpoint whose weights start a new run (fine-tuning, or growing a model by a new
     part): every parameter whose name and shape match is copied, the others keep their initialisation;
     the optimizer and schedule start fresh. bf16: autocast on CUDA, and on CPUs with native bfloat16.
-    activity_weight: weight of the frame-level activity loss, for models with `model.activity_head`;
-    speaker_count_weight: likewise for the speaker-count loss of `model.overlap_head`.
+    speaker_count_weight: weight of the frame-level speaker-count loss, for models with `model.overlap_head`.
     """
 
     steps: int = 5000
@@ -125,7 +124,6 @@ class RunConfig:
     stop_at_step: int | None = None
     max_minutes: float | None = None
     init_from: str | None = None
-    activity_weight: float = 0.5
     speaker_count_weight: float = 1.0
 
     def __post_init__(self):
@@ -136,8 +134,8 @@ class RunConfig:
             raise ConfigError(f"stop_at_step must be at least 1 (or unset), got {self.stop_at_step}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"max_minutes must be positive (or unset), got {self.max_minutes:g}")
-        if self.activity_weight < 0 or self.speaker_count_weight < 0:
-            raise ConfigError("activity_weight and speaker_count_weight must not be negative")
+        if self.speaker_count_weight < 0:
+            raise ConfigError("speaker_count_weight must not be negative")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from nanodrz.audio import SAMPLE_RATE
 from nanodrz.bank import Bank
 from nanodrz.decoding import DecodingOptions, decode
 from nanodrz.examples import Example, collate, example_item, fixed_examples
-from nanodrz.model import DiarizationModel, activity_targets, sequence_loss, speaker_count_loss
+from nanodrz.model import DiarizationModel, sequence_loss, speaker_count_loss, speaker_count_targets
 from nanodrz.recordings import Recording
 from nanodrz.recordings import validation_examples as recording_validation_examples
 from nanodrz.simulate import check_bank
@@ -64,8 +64,7 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
                                                                model.config.frame_rate)) * len(chunk)
                     count_items += len(chunk)
                     real = torch.arange(counts.shape[1], device=device) < frames[:, None]
-                    truth = activity_targets(batch["spans"], counts.shape[1], model.config.frame_rate,
-                                             model.tokenizer.num_speakers).sum(-1) >= 2
+                    truth = speaker_count_targets(batch["spans"], counts.shape[1], model.config.frame_rate) == 2
                     called = (counts.argmax(-1) == 2) & real
                     overlap_hits += int((called & truth).sum())
                     overlap_called += int(called.sum())
