@@ -22,6 +22,7 @@ COMMANDS = {
     "diarize": ("nanodrz.diarize", "diarize recordings: RTTM / JSON / timeline plots"),
     "sweep": ("nanodrz.sweep", "difficulty study: DER along each axis, optionally against senko"),
     "tune": ("nanodrz.tune", "choose the pipeline's parameters on validation sets with Optuna"),
+    "ray": ("nanodrz.ray_jobs", "diarize many files over a Ray cluster, resumably, with a manifest"),
 }
 
 
