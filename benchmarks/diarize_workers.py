@@ -31,7 +31,8 @@ import numpy as np
 from diarize_speed import test_voices
 from nanodrz.audio import write_audio
 from nanodrz.pipeline import SHIPPED_MODEL
-from nanodrz.simulate import conversation_rng, load_preset, simulate_conversation
+from nanodrz.simulate import conversation_rng, simulate_conversation
+from nanodrz.simulation_config import load_preset
 
 
 def write_conversations(folder: Path, count: int, seconds: tuple[float, float]) -> tuple[float, str]:

@@ -18,7 +18,8 @@ from nanodrz.config import load_config, to_dict
 from nanodrz.errors import NanodrzError
 from nanodrz.model import DiarizationModel
 from nanodrz.tokenizer import Tokenizer
-from nanodrz.train import Config, initialise_from
+from nanodrz.run_state import initialise_from
+from nanodrz.training_config import Config
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ from nanodrz.outputs import exclusive
 from nanodrz.params import DiarizationSettings, PipelineParams
 from nanodrz.pipeline import Diarizer
 from nanodrz.postprocess.stitch import stitch
-from nanodrz.tokenizer import Tokenizer, TokenizerConfig
+from nanodrz.tokenizer import Tokenizer, TokenizerConfig, letter
 
 SR = 16000
 TONES = (220.0, 330.0, 495.0, 740.0, 1110.0)
@@ -72,7 +72,7 @@ def tone_decode(model, audio, prompts, options) -> list[DecodingResult]:
             while end < len(voices) and voices[end] == voice:
                 end += 1
             if voice not in letter_of:
-                letter_of[voice] = chr(ord("A") + len(letter_of))
+                letter_of[voice] = letter(len(letter_of))
             turns.append(Turn(index / 50, end / 50, letter_of[voice]))
             index = end
         results.append(DecodingResult(turns, [1.0] * len(turns), [], {}))

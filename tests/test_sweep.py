@@ -23,7 +23,7 @@ from nanodrz.cli import main
 from nanodrz.decoding import DecodingResult
 from nanodrz.pipeline import Diarizer
 from nanodrz.evaluate import label_consistency, score
-from nanodrz.simulate import load_preset
+from nanodrz.simulation_config import load_preset
 from nanodrz.bank import Bank
 from nanodrz.simulate import conversation_rng, simulate_conversation
 from nanodrz.sweep import AXES, BASE_OVERRIDES, BASE_PRESET, NOISE_SETS, plan_groups

@@ -27,7 +27,8 @@ from nanodrz.diarize import find_audio
 from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import load_turns
 from nanodrz.fileio import write_json
-from nanodrz.simulate import SimulationConfig, as_range, conversation_rng, load_preset, simulate_conversation
+from nanodrz.simulate import conversation_rng, simulate_conversation
+from nanodrz.simulation_config import SimulationConfig, as_range, load_preset
 
 SET_VERSION = 1
 # Sets of longer conversations get fewer files, so that a point holds about per-point x 25 s of audio.
