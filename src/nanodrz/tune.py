@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ from nanodrz.fileio import atomic_open, check_writable_folder
 from nanodrz.params import DiarizationSettings, PipelineParams, search_space
 from nanodrz.pipeline import SHIPPED_MODEL, Diarizer
 from nanodrz.postprocess import ChunkOutputs
+from nanodrz.postprocess.resegment import FrameCounts
+from nanodrz.postprocess.voices import Voices
 
 # Each rule of `postprocess`, switched off: the ablation rows of the study report.
 RULES_OFF = {
@@ -85,19 +89,81 @@ def read_sets(folder: Path) -> list[Path]:
     return sets
 
 
-def decode_sets(diarizer: Diarizer, sets: list[Path], batch_size: int) -> dict[str, list[Recording]]:
-    """The expensive stage, once per recording of every set."""
+def decode_sets(diarizer: Diarizer, sets: list[Path], batch_size: int, cache: Path | None
+                ) -> dict[str, list[Recording]]:
+    """The expensive stage, once per recording of every set; with `cache`, kept there (one `.npz` per
+    recording under a key of the model file and the parameters of that stage) and read back on the next
+    run instead of decoding again."""
+    folder_key = None
+    if cache is not None:
+        folder_key = cache / expensive_stage_key(diarizer)
+        folder_key.mkdir(parents=True, exist_ok=True)
     found: dict[str, list[Recording]] = {}
     for folder in tqdm(sets, desc="decode", unit="set", file=sys.stderr):
         wavs = sorted(folder.glob("*.wav"))
-        recordings = [(wav.stem, str(wav)) for wav in wavs]
-        for wav, (name, outputs) in zip(wavs, diarizer.chunk_outputs_many(recordings, batch_size=batch_size)):
+        cached = {wav: folder_key / folder.name / f"{wav.stem}.npz" for wav in wavs} if folder_key else {}
+        todo = [wav for wav in wavs if not (wav in cached and cached[wav].is_file())]
+        decoded = dict(zip(todo, (outputs for _, outputs in diarizer.chunk_outputs_many(
+            [(wav.stem, str(wav)) for wav in todo], batch_size=batch_size))))
+        for wav in wavs:
+            outputs = decoded[wav] if wav in decoded else load_chunk_outputs(cached[wav])
             if isinstance(outputs, NanodrzError):
                 raise outputs
+            if wav in decoded and wav in cached:
+                save_chunk_outputs(cached[wav], outputs)
             # An RTTM without SPEAKER lines is a recording where nobody speaks.
             reference = next(iter(read_rttm(wav.with_suffix(".rttm")).values()), [])
-            found.setdefault(folder.name, []).append(Recording(name, reference, outputs, sf.info(str(wav)).duration))
+            found.setdefault(folder.name, []).append(Recording(wav.stem, reference, outputs,
+                                                               sf.info(str(wav)).duration))
     return found
+
+
+def expensive_stage_key(diarizer: Diarizer) -> str:
+    """What the expensive stage's outputs depend on: the model's weights file and the decoding and
+    long-form parameters (post-processing parameters replay on top)."""
+    digest = hashlib.sha256(json.dumps({"decoding": diarizer.params.to_dict()["decoding"],
+                                        "long_form": diarizer.params.to_dict()["long_form"],
+                                        "model": weights_digest(diarizer.model)}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of every weight: two checkpoints decode alike exactly when it agrees."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_chunk_outputs(path: Path, outputs: ChunkOutputs) -> None:
+    """`outputs` as an `.npz` of arrays and one JSON string (no pickle: a cache can be shared)."""
+    arrays = {"scores": np.asarray(outputs.scores, dtype=np.float64)}
+    for name, counts in (("counts", outputs.counts), ("segmentation", outputs.segmentation)):
+        if counts is not None:
+            arrays[name] = counts.probabilities
+    if outputs.voices is not None:
+        arrays["voices"] = outputs.voices.frames
+    meta = {"turns": [[t.start, t.end, t.speaker] for t in outputs.turns], "named": sorted(outputs.named),
+            "time_resolution": outputs.time_resolution, "loudest_dbfs": outputs.loudest_dbfs,
+            "counts_rate": outputs.counts.frame_rate if outputs.counts else None,
+            "segmentation_rate": outputs.segmentation.frame_rate if outputs.segmentation else None,
+            "voices": [outputs.voices.frame_rate, outputs.voices.window_seconds] if outputs.voices else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as handle:
+        np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load_chunk_outputs(path: Path) -> ChunkOutputs:
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        counts = FrameCounts(data["counts"], meta["counts_rate"]) if meta["counts_rate"] else None
+        segmentation = FrameCounts(data["segmentation"], meta["segmentation_rate"]) \
+            if meta["segmentation_rate"] else None
+        voices = Voices(data["voices"], *meta["voices"]) if meta["voices"] else None
+        return ChunkOutputs(tuple(Turn(*turn) for turn in meta["turns"]), tuple(data["scores"].tolist()), voices,
+                            counts, segmentation, frozenset(meta["named"]), meta["time_resolution"],
+                            meta["loudest_dbfs"])
 
 
 def written_seconds(turns: list[Turn]) -> float:
@@ -167,14 +233,12 @@ def tune(found: dict[str, list[Recording]], base: PipelineParams, quiet_sets: se
     def objective(trial) -> float:
         params = suggest(trial, space, base)
         scores = evaluate(found, params, quiet_sets)
-        trial.set_user_attr("false_alarm", scores.worst_false_alarm)
+        if quiet_sets:
+            trial.set_constraint("false_alarm", scores.worst_false_alarm - max_false_alarm)
         measured.append((params, scores))
         return scores.mean_der
 
-    def constraints(trial) -> list[float]:
-        return [trial.user_attrs["false_alarm"] - max_false_alarm]
-
-    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints if quiet_sets else None)
+    sampler = optuna.samplers.TPESampler(seed=seed)
     study = optuna.create_study(direction="minimize", sampler=sampler)
     study.enqueue_trial(trial_values(base, space))
     with tqdm(total=trials, desc="tune", unit="trial", file=sys.stderr) as bar:
@@ -243,6 +307,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most speech a feasible trial writes per minute of a quiet set (default 1)")
     parser.add_argument("--freeze", default="", metavar="KEYS",
                         help="comma-separated dotted parameters to keep at the model's values")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="keep the decoded sets here and reuse them on the next run (same model and decoding)")
     parser.add_argument("--store", action="store_true",
                         help="also write the chosen parameters into the model checkpoint's metadata")
     add_model_arguments(parser)
@@ -263,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if diarizer.count_function is None:  # the gate needs segmentation-3.0 in the front end
         frozen.add("resegment.nonspeech_threshold")
     quiet = {name.strip() for name in args.quiet_sets.split(",") if name.strip()}
-    found = decode_sets(diarizer, sets, args.batch_size)
+    found = decode_sets(diarizer, sets, args.batch_size, args.cache)
     base = (diarizer.params, evaluate(found, diarizer.params, quiet))
     chosen_params, measured = tune(found, diarizer.params, quiet & set(found), args.trials, args.seed,
                                    args.max_false_alarm, frozen)
