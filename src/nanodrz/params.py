@@ -17,7 +17,7 @@ from typing import Any
 
 from nanodrz.config import from_dict
 from nanodrz.decoding import DecodingOptions
-from nanodrz.errors import NanodrzError
+from nanodrz.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,13 @@ def search_space(params: "PipelineParams") -> dict[str, tuple[SearchRange, type]
 def check_probability(name: str, value: float | None) -> None:
     """A threshold on a probability: in (0, 1], or None for off."""
     if value is not None and not 0.0 < value <= 1.0:
-        raise NanodrzError(f"{name} is a probability in (0, 1] (or off), got {value:g}")
+        raise ConfigError(f"{name} is a probability in (0, 1] (or off), got {value:g}")
 
 
 def check_cosine(name: str, value: float | None) -> None:
     """A threshold on a cosine similarity: in [-1, 1], or None for off."""
     if value is not None and not -1.0 <= value <= 1.0:
-        raise NanodrzError(f"{name} is a cosine similarity in [-1, 1] (or off), got {value:g}")
+        raise ConfigError(f"{name} is a cosine similarity in [-1, 1] (or off), got {value:g}")
 
 
 def check_non_negative(owner: object) -> None:
@@ -64,7 +64,7 @@ def check_non_negative(owner: object) -> None:
     for item in dataclasses.fields(owner):
         value = getattr(owner, item.name)
         if item.name.endswith("_seconds") and not (value >= 0.0 and math.isfinite(value)):
-            raise NanodrzError(f"{type(owner).__name__}.{item.name} must be a finite number of seconds >= 0, "
+            raise ConfigError(f"{type(owner).__name__}.{item.name} must be a finite number of seconds >= 0, "
                                f"got {value}")
 
 
@@ -109,11 +109,11 @@ class RefineParams:
 
     def __post_init__(self):
         if self.passes < 0 or self.min_blocks < 2:
-            raise NanodrzError(f"refine.passes must be >= 0 and refine.min_blocks >= 2, "
+            raise ConfigError(f"refine.passes must be >= 0 and refine.min_blocks >= 2, "
                                f"got {self.passes} and {self.min_blocks}")
         check_cosine("refine.split_threshold", self.split_threshold)
         if not self.switch_penalty >= 0.0 or self.block_seconds <= 0.0:
-            raise NanodrzError("refine.switch_penalty must be >= 0 and refine.block_seconds > 0")
+            raise ConfigError("refine.switch_penalty must be >= 0 and refine.block_seconds > 0")
         check_non_negative(self)
 
 
@@ -139,7 +139,7 @@ class SplitParams:
 
     def __post_init__(self):
         if not 0.0 <= self.dominant_share <= 1.0:
-            raise NanodrzError(f"split.dominant_share is a share in [0, 1], got {self.dominant_share:g}")
+            raise ConfigError(f"split.dominant_share is a share in [0, 1], got {self.dominant_share:g}")
         check_cosine("split.two_voice_cosine", self.two_voice_cosine)
         check_cosine("split.same_voice_cosine", self.same_voice_cosine)
         check_non_negative(self)
@@ -202,7 +202,7 @@ class LongFormParams:
     def __post_init__(self):
         check_non_negative(self)
         if self.voice_block_seconds <= 0:
-            raise NanodrzError("long_form.voice_block_seconds must be positive")
+            raise ConfigError("long_form.voice_block_seconds must be positive")
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class PipelineParams:
         for key, value in changes.items():
             group, _, name = key.partition(".")
             if group not in values or not isinstance(values[group], dict) or name not in values[group]:
-                raise NanodrzError(f"unknown pipeline parameter {key!r}")
+                raise ConfigError(f"unknown pipeline parameter {key!r}")
             values[group][name] = value
         return PipelineParams.from_dict(values)
 
@@ -253,9 +253,9 @@ class DiarizationSettings:
     def __post_init__(self):
         if self.num_speakers is not None:
             if self.num_speakers < 1:
-                raise NanodrzError("--num-speakers must be at least 1")
+                raise ConfigError("--num-speakers must be at least 1")
             self.min_speakers = self.max_speakers = self.num_speakers
         if self.min_speakers < 0 or (self.max_speakers is not None and self.max_speakers < 1):
-            raise NanodrzError("speaker counts must be positive")
+            raise ConfigError("speaker counts must be positive")
         if self.max_speakers is not None and self.min_speakers > self.max_speakers:
-            raise NanodrzError(f"--min-speakers {self.min_speakers} is more than --max-speakers {self.max_speakers}")
+            raise ConfigError(f"--min-speakers {self.min_speakers} is more than --max-speakers {self.max_speakers}")

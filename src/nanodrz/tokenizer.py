@@ -35,7 +35,7 @@ from typing import Sequence
 
 from nanodrz.annotation import Turn
 from nanodrz.config import from_dict
-from nanodrz.errors import NanodrzError
+from nanodrz.errors import ConfigError, NanodrzError
 
 TOKENIZER_VERSION = 1
 LETTERS = string.ascii_uppercase
@@ -77,12 +77,12 @@ class TokenizerConfig:
 
     def __post_init__(self):
         if self.time_resolution <= 0 or self.max_seconds <= 0:
-            raise ValueError("time_resolution and max_seconds must be positive")
+            raise ConfigError("time_resolution and max_seconds must be positive")
         bins = self.max_seconds / self.time_resolution
         if abs(bins - round(bins)) > 1e-6:
-            raise ValueError("max_seconds must be a whole number of time_resolution bins")
+            raise ConfigError("max_seconds must be a whole number of time_resolution bins")
         if not 1 <= self.num_speakers <= len(LETTERS):
-            raise ValueError(f"num_speakers must be between 1 and {len(LETTERS)}")
+            raise ConfigError(f"num_speakers must be between 1 and {len(LETTERS)}")
 
 
 @dataclass
