@@ -33,7 +33,7 @@ from nanodrz.errors import ConfigError
 from nanodrz.model import pad_audio, pad_values
 from nanodrz.simulate import Conversation, fixed_conversations
 from nanodrz.simulation_config import SimulationConfig
-from nanodrz.tokenizer import Encoded, Tokenizer
+from nanodrz.tokenizer import Encoded, Tokenizer, letter, letter_index
 
 PROMPT_GAP_SECONDS = 0.2  # silence between prompt clips: part of the model's input format, shared with inference
 EXAMPLE_STREAM = 2  # keeps chunk/prompt draws of fixed sets apart from the simulator's own streams
@@ -107,7 +107,7 @@ def assemble_prompted_input(clips: Sequence[np.ndarray], chunk: np.ndarray,
     pieces, turns, cursor = [], [], 0
     for index, clip in enumerate(clips):
         clip = np.asarray(clip, dtype=np.float32)
-        turns.append(Turn(cursor / SAMPLE_RATE, (cursor + len(clip)) / SAMPLE_RATE, chr(ord("A") + index)))
+        turns.append(Turn(cursor / SAMPLE_RATE, (cursor + len(clip)) / SAMPLE_RATE, letter(index)))
         pieces += [clip, gap_samples]
         cursor += len(clip) + len(gap_samples)
     pieces.append(np.asarray(chunk, dtype=np.float32))
@@ -209,7 +209,7 @@ def example_item(example: Example, tokenizer: Tokenizer, eos_weight: float) -> d
     """Audio, tokens and weights, plus `spans`: (start, end, letter index) of every prompt clip and turn
     in the input's time axis, the frame-level targets of the activity loss."""
     encoded = example.encode(tokenizer, eos_weight)
-    letters = {speaker: ord(letter) - ord("A") for speaker, letter in encoded.letters.items()}
+    letters = {speaker: letter_index(label) for speaker, label in encoded.letters.items()}
     spans = [(turn.start, turn.end, letters[turn.speaker]) for turn in [*example.prompt, *example.turns]
              if turn.speaker in letters]
     return {"audio": example.audio, "tokens": encoded.tokens, "weights": encoded.weights,

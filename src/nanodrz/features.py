@@ -16,6 +16,7 @@ same zeros as a conv's own zero padding would.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -123,6 +124,27 @@ def bf16_is_fast(device: torch.device) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class FrozenFeatures:
+    """What the frozen encoders make of one model input, computed elsewhere (`longform` encodes each
+    stretch of a recording once and assembles the inputs from slices): the CAM++ trunk features (frames at
+    50/s, 512) and, for the segmentation front end, segmentation-3.0's powerset posteriors (frames at the
+    model's rate, 7)."""
+
+    trunk: torch.Tensor
+    segmentation: torch.Tensor | None = None
+
+    def cut(self, trunk_frames: slice, frames: slice) -> "FrozenFeatures":
+        """The frames of a stretch: `trunk_frames` at 50/s, `frames` at the model's rate."""
+        return FrozenFeatures(self.trunk[trunk_frames], None if self.segmentation is None else self.segmentation[frames])
+
+    @staticmethod
+    def join(parts: list["FrozenFeatures"]) -> "FrozenFeatures":
+        """Consecutive stretches as one input."""
+        segmentation = None if parts[0].segmentation is None else torch.cat([p.segmentation for p in parts])
+        return FrozenFeatures(torch.cat([p.trunk for p in parts]), segmentation)
+
+
 class SpeakerFrontEnd(MelFrontEnd):
     """The mel stem plus the frame-level features of a frozen speaker-verification model, projected and
     added.
@@ -174,8 +196,12 @@ class SpeakerFrontEnd(MelFrontEnd):
                 x = layer(x)
         return x[0].T.float()
 
-    def encode_batch(self, audio: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        """Each item's speaker features at its true length (which keeps padding invariance exact)."""
+    def encode_batch(self, audio: torch.Tensor, lengths: torch.Tensor,
+                     frozen: list[FrozenFeatures] | None = None) -> list[torch.Tensor]:
+        """Each item's speaker features at its true length (which keeps padding invariance exact), or
+        the ones given in `frozen`."""
+        if frozen is not None:
+            return [item.trunk.to(audio.device) for item in frozen]
         return [self.encode(audio[i, :int(n)]) for i, n in enumerate(lengths.tolist())]
 
     def speaker_term(self, voices: list[torch.Tensor]) -> torch.Tensor:
@@ -242,23 +268,26 @@ class WindowedSpeakerFrontEnd(SpeakerFrontEnd):
         """(samples,) audio -> (positions, 192) window embeddings, position t at t / frame_rate seconds."""
         return self.window_embeddings(self.encode(audio))
 
-    def forward_with_embeddings(self, audio: torch.Tensor, lengths: torch.Tensor
+    def forward_with_embeddings(self, audio: torch.Tensor, lengths: torch.Tensor,
+                                frozen: list[FrozenFeatures] | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward`, plus the (B, T, 192) window embeddings themselves (zero past each item's end), for
-        a model that also pools them over the spans it writes (`ModelConfig.span_voices`)."""
-        voices = self.encode_batch(audio, lengths)
+        a model that also pools them over the spans it writes (`ModelConfig.span_voices`). With `frozen`,
+        the frozen encoders' outputs are taken from there instead of computed."""
+        voices = self.encode_batch(audio, lengths, frozen)
         embeddings = torch.nn.utils.rnn.pad_sequence([self.window_embeddings(v) for v in voices], batch_first=True)
-        term = self.frame_term(audio, lengths, voices, embeddings)
+        term = self.frame_term(audio, lengths, voices, embeddings, frozen)
         x, frames, keep = self.add_to_stem(audio, lengths, voices, term)
         return x, frames, fit_length(embeddings, x.shape[1]) * keep.unsqueeze(-1)
 
     def frame_term(self, audio: torch.Tensor, lengths: torch.Tensor, voices: list[torch.Tensor],
-                   embeddings: torch.Tensor) -> torch.Tensor:
+                   embeddings: torch.Tensor, frozen: list[FrozenFeatures] | None = None) -> torch.Tensor:
         """(B, positions, d_model): what the frozen encoders add to the mel stem."""
         return self.speaker_term(voices) + self.voice_projection(embeddings)
 
-    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, frames, _ = self.forward_with_embeddings(audio, lengths)
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor,
+                frozen: list[FrozenFeatures] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, frames, _ = self.forward_with_embeddings(audio, lengths, frozen)
         return x, frames
 
 
@@ -294,12 +323,14 @@ class SegmentedSpeakerFrontEnd(WindowedSpeakerFrontEnd):
         return torch.from_numpy(track.powerset).to(audio.device)
 
     def frame_term(self, audio: torch.Tensor, lengths: torch.Tensor, voices: list[torch.Tensor],
-                   embeddings: torch.Tensor) -> torch.Tensor:
+                   embeddings: torch.Tensor, frozen: list[FrozenFeatures] | None = None) -> torch.Tensor:
         term = super().frame_term(audio, lengths, voices, embeddings)
         frames = self.num_frames(lengths).tolist()
-        posteriors = torch.nn.utils.rnn.pad_sequence(
-            [self.segment(audio[i, :int(n)], f) for i, (n, f) in enumerate(zip(lengths.tolist(), frames))],
-            batch_first=True)
+        if frozen is not None:
+            given = [fit_length(item.segmentation[None].to(audio.device), f)[0] for item, f in zip(frozen, frames)]
+        else:
+            given = [self.segment(audio[i, :int(n)], f) for i, (n, f) in enumerate(zip(lengths.tolist(), frames))]
+        posteriors = torch.nn.utils.rnn.pad_sequence(given, batch_first=True)
         return fit_length(term, posteriors.shape[1]) + self.segmentation_projection(posteriors)
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -33,12 +33,15 @@ from nanodrz.annotation import Turn
 from nanodrz.audio import SAMPLE_RATE, load_audio, to_mono, waveform_audio
 from nanodrz.decoding import DecodingOptions
 from nanodrz.errors import NanodrzError
+from nanodrz.features import FrozenFeatures
+from nanodrz.encode_once import EncodedChunk, StretchEncoder
 from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.model import DiarizationModel
 from nanodrz.params import DiarizationSettings, PipelineParams
 from nanodrz.postprocess import ChunkOutputs
 from nanodrz.postprocess.resegment import SILENCE, FrameCounts
 from nanodrz.postprocess.voices import VoiceTrack
+from nanodrz.segmentation import powerset_counts
 from nanodrz.tokenizer import letter
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
@@ -113,6 +116,16 @@ class KnownSpeaker:
     last_active: float = -1.0
     speech_seconds: float = 0.0
     enrolled: bool = False
+    features: FrozenFeatures | None = None  # the clip's frozen features, with `long_form.encode_once`
+
+
+class ModelInput(NamedTuple):
+    """One chunk's model input: audio (prompt clips, then the chunk), the prompt triples, and with
+    `long_form.encode_once` the frozen encoders' features of that audio."""
+
+    audio: np.ndarray
+    prompt: list[Turn]
+    frozen: FrozenFeatures | None
 
 
 def iter_chunks(source: str | Path | np.ndarray, chunk_seconds: float) -> Iterator[np.ndarray]:
@@ -182,7 +195,7 @@ class RecordingState:
 
     def __init__(self, name: str, source: str | Path | np.ndarray, geometry: PromptGeometry,
                  settings: DiarizationSettings, params: PipelineParams, enrolled: dict[str, np.ndarray],
-                 seconds: float, voice_window_seconds: float,
+                 seconds: float, voice_window_seconds: float, encoder: StretchEncoder | None = None,
                  progress: bool = False, on_progress: ProgressHook | None = None):
         self.name = name
         self.where = name if isinstance(source, np.ndarray) else str(source)  # what error messages name
@@ -201,10 +214,14 @@ class RecordingState:
         self.offset = 0.0
         self.turns: list[Turn] = []
         self.scores: list[float] = []
-        self.known: list[KnownSpeaker] = [
-            KnownSpeaker(name, clip[: int(geometry.clip_seconds[1] * SAMPLE_RATE)], float("inf"), enrolled=True)
-            for name, clip in enrolled.items()
-        ]
+        self.encoder = encoder
+        self.encoded: EncodedChunk | None = None
+        self.known: list[KnownSpeaker] = []
+        for speaker, clip in enrolled.items():
+            length = int(geometry.clip_seconds[1] * SAMPLE_RATE)
+            clip = clip[:length if encoder is None else encoder.on_grid(min(length, len(clip)))]
+            features = None if encoder is None else encoder.encode_alone(clip)
+            self.known.append(KnownSpeaker(speaker, clip, float("inf"), enrolled=True, features=features))
         self.unnamed = 0
         self.loudest = -np.inf
         self.current: np.ndarray | None = None
@@ -217,8 +234,8 @@ class RecordingState:
         self.previous_tail = np.zeros(0, dtype=np.float32)
         self.done = False
 
-    def next_input(self) -> tuple[np.ndarray, list[Turn]] | None:
-        """The next model input (prompt + chunk) and its prompt turns, or None at the end."""
+    def next_input(self) -> ModelInput | None:
+        """The next model input (prompt + chunk), or None at the end."""
         chunk, self.upcoming = self.upcoming, (next(self.chunks, None) if self.upcoming is not None else None)
         if chunk is None:
             self.close()
@@ -230,10 +247,20 @@ class RecordingState:
             self.loudest = max(self.loudest, 10 * np.log10(float(np.max(chunk ** 2)) + 1e-12))
         self.current = chunk
         self.prompted, clip_seconds = self._choose_prompt(len(chunk) / SAMPLE_RATE)
-        clips = [speaker.clip[: int(clip_seconds * SAMPLE_RATE)] for speaker in self.prompted]
+        length = int(clip_seconds * SAMPLE_RATE)
+        frozen = None
+        if self.encoder is not None:
+            before = self.previous_tail
+            after = self.upcoming if self.upcoming is not None else np.zeros(0, np.float32)
+            self.encoded = self.encoder.encode_chunk(before, chunk, after)
+            self.previous_tail = chunk
+            length = self.encoder.on_grid(length)
+            frozen = self.encoder.assemble([self.encoder.cut(speaker.features, 0, min(length, len(speaker.clip)))
+                                            for speaker in self.prompted], self.encoded.features)
+        clips = [speaker.clip[:length] for speaker in self.prompted]
         audio, prompt = assemble_prompted_input(clips, chunk, PROMPT_GAP_SECONDS)
         self.prompt_seconds = (len(audio) - len(chunk)) / SAMPLE_RATE
-        return audio, prompt
+        return ModelInput(audio, prompt, frozen)
 
     def report_progress(self) -> None:
         """Tell the progress hook how far reading has come; the last chunk reports the whole length
@@ -310,12 +337,21 @@ class RecordingState:
         """The current chunk's segmentation-3.0 speaker counts, on the chunk alone (no prompt clips);
         call before `absorb`, which moves the offset past the chunk."""
         self.segmentation = self.segmentation or CountTrack(frame_rate)
-        self.segmentation.add(count_function(self.current), self.offset)
+        if self.encoded is not None:
+            counts = powerset_counts(self.encoded.features.segmentation.cpu().numpy())
+        else:
+            counts = count_function(self.current)
+        self.segmentation.add(counts, self.offset)
 
     def add_voices(self, voice_function: VoiceFunction, frame_rate: float) -> None:
         """Queue the current chunk for the recording's voice track; every `long_form.voice_block_seconds`, and at
         the end, embed the queued audio in one go, with half a window of its neighbours' audio on each
-        side so that no block edge blurs the voices."""
+        side so that no block edge blurs the voices. With `long_form.encode_once`, the current chunk's
+        own embeddings are kept instead."""
+        if self.encoded is not None:
+            self.track = self.track or VoiceTrack(frame_rate, self.voice_window_seconds)
+            self.track.add(self.encoded.voices, self.encoded.context_seconds, len(self.current) / SAMPLE_RATE)
+            return
         self.unvoiced.append(self.current)
         block = np.concatenate(self.unvoiced)
         if len(block) < self.params.long_form.voice_block_seconds * SAMPLE_RATE and self.upcoming is not None:
@@ -335,7 +371,8 @@ class RecordingState:
             self.unnamed += 1
             label = letter(self.unnamed)
         self.unnamed += 1
-        speaker = KnownSpeaker(label, np.zeros(0, dtype=np.float32), 0.0)
+        empty = None if self.encoder is None else self.encoder.cut(self.encoder.gap, 0, 0)
+        speaker = KnownSpeaker(label, np.zeros(0, dtype=np.float32), 0.0, features=empty)
         self.known.append(speaker)
         return speaker
 
@@ -350,8 +387,14 @@ class RecordingState:
                 start, end = start + margin, end - margin
                 quality = min(end - start, longest)
                 if quality > speaker.clip_quality:
-                    begin = int(start * SAMPLE_RATE)
-                    speaker.clip = chunk[begin: begin + int(quality * SAMPLE_RATE)].copy()
+                    begin, length = int(start * SAMPLE_RATE), int(quality * SAMPLE_RATE)
+                    if self.encoder is not None:  # slices of the chunk's features must fall on the frame grid
+                        begin = self.encoder.on_grid(begin, up=True)
+                        length = self.encoder.on_grid(min(length, len(chunk) - begin))
+                        if length <= 0:
+                            continue
+                        speaker.features = self.encoder.cut(self.encoded.features, begin, length)
+                    speaker.clip = chunk[begin: begin + length].copy()
                     speaker.clip_quality = quality
 
     def chunk_outputs(self) -> ChunkOutputs:

@@ -8,7 +8,6 @@ shipped model carries the parameters chosen for it on validation speakers in its
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -21,8 +20,9 @@ from tqdm import tqdm
 from nanodrz.annotation import Turn
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.checkpoint import build_model, load_checkpoint
-from nanodrz.decoding import decode
-from nanodrz.errors import NanodrzError
+from nanodrz.decoding import DecodingOptions, decode
+from nanodrz.encode_once import StretchEncoder
+from nanodrz.errors import ConfigError, NanodrzError
 from nanodrz.longform import (MIN_SECONDS, AudioSource, CountFunction, ProgressHook, PromptGeometry, RecordingState,
                               VoiceFunction, check_audio_file, enrollment_clip, in_memory_audio, reading_error,
                               recording_name)
@@ -52,6 +52,16 @@ class Diarizer:
         self.voice_function = voice_function or model_voice_function(model)
         self.voice_window_seconds = getattr(getattr(model, "front_end", None), "window_seconds", 0.0)
         self.count_function = model_count_function(model)
+
+    def stretch_encoder(self, params: PipelineParams) -> StretchEncoder | None:
+        """The encoder of `long_form.encode_once`, for front ends with frozen CAM++ window embeddings."""
+        if not params.long_form.encode_once:
+            return None
+        front_end = getattr(self.model, "front_end", None)
+        if not hasattr(front_end, "window_embeddings"):
+            raise ConfigError("long_form.encode_once needs a model whose front end runs CAM++ "
+                              "(campplus_windows or campplus_segmentation)")
+        return StretchEncoder(front_end, self.voice_window_seconds / 2)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "Diarizer":
@@ -132,6 +142,7 @@ class Diarizer:
         enrolled = {name: enrollment_clip(name, clip, silence) for name, clip in (enroll or {}).items()}
         if len(enrolled) > self.geometry.max_prompt_speakers:
             raise NanodrzError(f"at most {self.geometry.max_prompt_speakers} enrolled speakers fit in this model's prompt")
+        encoder = self.stretch_encoder(params)
         bar = tqdm(total=len(recordings), unit="file", disable=not progress, file=sys.stderr)
         for first in range(0, len(recordings), batch_size):
             group = recordings[first:first + batch_size]
@@ -148,7 +159,7 @@ class Diarizer:
                     else:
                         seconds = len(source) / SAMPLE_RATE
                     states.append(RecordingState(name, source, self.geometry, settings, params, enrolled, seconds,
-                                                 self.voice_window_seconds, progress, on_progress))
+                                                 self.voice_window_seconds, encoder, progress, on_progress))
                 except Exception as error:  # the first block is read here: a corrupt file fails alone
                     outcomes[name] = reading_error(source if isinstance(source, (str, Path)) else name, error)
             self._run(states, outcomes, finish)
@@ -182,13 +193,14 @@ class Diarizer:
             if not ready:
                 break
             # Items of one batch share decoding options; group by them (usually all equal).
-            groups: dict[str, list[int]] = {}
-            options_of = [state.decoding_options() for state in ready]
-            for index, options in enumerate(options_of):
-                groups.setdefault(json.dumps(options.__dict__, sort_keys=True, default=str), []).append(index)
-            for indices in groups.values():
-                results = self.decode_fn(self.model, [inputs[i][0] for i in indices], [inputs[i][1] for i in indices],
-                                 options_of[indices[0]])
+            groups: dict[DecodingOptions, list[int]] = {}
+            for index, state in enumerate(ready):
+                groups.setdefault(state.decoding_options(), []).append(index)
+            for options, indices in groups.items():
+                frozen = [inputs[i].frozen for i in indices]
+                extra = {} if frozen[0] is None else {"frozen": frozen}
+                results = self.decode_fn(self.model, [inputs[i].audio for i in indices],
+                                         [inputs[i].prompt for i in indices], options, **extra)
                 for i, result in zip(indices, results):
                     if self.count_function is not None:
                         ready[i].add_segmentation(self.count_function, self.model.config.frame_rate)
