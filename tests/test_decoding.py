@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from nanodrz.annotation import Turn
-from nanodrz.decoding import (GRAMMAR, DecodingOptions, GrammarState, LengthFilter, SlotFilter, SpeakerFilter,
-                              TimeOrderFilter, TimeRangeFilter, decode)
+from nanodrz.decoding import DecodingOptions, Grammar, decode
 from nanodrz.errors import NanodrzError
 from nanodrz.model import DiarizationModel, ModelConfig
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
@@ -17,14 +16,16 @@ def tok() -> Tokenizer:
     return Tokenizer(TokenizerConfig(time_resolution=0.5, max_seconds=5.0, num_speakers=3))
 
 
-def state_for(tok: Tokenizer, batch: int = 1, letters: int = 0, max_speakers: int = 3, max_triples: int = 10,
-              min_seconds: float = 0.0, max_seconds: float = 5.0) -> GrammarState:
-    return GrammarState(tok, torch.full((batch,), tok.time_token(min_seconds)),
-                        torch.full((batch,), tok.time_token(max_seconds)), torch.full((batch,), letters),
-                        max_speakers, max_triples)
+def grammar_for(tok: Tokenizer, batch: int = 1, letters: int = 0, max_speakers: int = 3, max_triples: int = 10,
+                min_seconds: float = 0.0, max_seconds: float = 5.0) -> Grammar:
+    bound = [torch.full((batch,), tok.time_token(seconds)) for seconds in (min_seconds, max_seconds)]
+    return Grammar(tok, *bound, torch.full((batch,), letters), max_speakers, max_triples)
 
 
-def allowed(logits: torch.Tensor, row: int = 0) -> list[int]:
+def allowed(grammar: Grammar, row: int = 0) -> list[int]:
+    """The tokens `grammar.constrain` leaves to row `row` of any logits."""
+    logits = torch.zeros(len(grammar.finished), grammar.tokenizer.vocab_size)
+    grammar.constrain(logits)
     return torch.isfinite(logits[row]).nonzero().flatten().tolist()
 
 
@@ -32,96 +33,75 @@ def times(tok: Tokenizer, *seconds: float) -> list[int]:
     return [tok.time_token(s) for s in seconds]
 
 
-def test_slot_filter(tok):
-    state = state_for(tok)
-    logits = torch.zeros(1, tok.vocab_size)
-    SlotFilter().apply(logits, state)
-    assert allowed(logits) == [tok.EOS] + list(range(tok.time_offset, tok.speaker_offset))
-    state.slot = 1
-    logits = torch.zeros(1, tok.vocab_size)
-    SlotFilter().apply(logits, state)
-    assert allowed(logits) == list(range(tok.time_offset, tok.speaker_offset))
-    state.slot = 2
-    logits = torch.zeros(1, tok.vocab_size)
-    SlotFilter().apply(logits, state)
-    assert allowed(logits) == [tok.noise] + list(range(tok.speaker_offset, tok.vocab_size))
+def test_slots_take_start_end_and_speaker_in_turn(tok):
+    grammar = grammar_for(tok)
+    assert allowed(grammar) == [tok.EOS] + times(tok, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
+    grammar.update(torch.tensor([tok.time_token(1.0)]))
+    assert allowed(grammar) == times(tok, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+    grammar.update(torch.tensor([tok.time_token(2.0)]))
+    assert allowed(grammar) == [tok.noise, tok.speaker_token("A")]
 
 
-def test_finished_items_only_get_eos(tok):
-    state = state_for(tok, batch=2)
-    state.finished[1] = True
-    logits = torch.zeros(2, tok.vocab_size)
-    SlotFilter().apply(logits, state)
-    assert allowed(logits, 1) == [tok.EOS] and len(allowed(logits, 0)) > 1
+def test_finished_items_only_get_eos_at_logit_zero(tok):
+    grammar = grammar_for(tok, batch=2)
+    grammar.finished[1] = True
+    logits = torch.full((2, tok.vocab_size), 3.0)
+    grammar.constrain(logits)
+    assert logits[1, tok.EOS] == 0 and torch.isfinite(logits[1]).sum() == 1
+    assert logits[0, tok.EOS] == 3.0 and torch.isfinite(logits[0]).sum() > 1
 
 
-def test_time_order_filter(tok):
-    state = state_for(tok)
-    state.last_start[:] = tok.time_token(2.0)
-    logits = torch.zeros(1, tok.vocab_size)
-    TimeOrderFilter().apply(logits, state)
-    assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
-    state.slot, state.current_start[:] = 1, tok.time_token(3.0)
-    logits = torch.zeros(1, tok.vocab_size)
-    TimeOrderFilter().apply(logits, state)
-    assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 3.5, 4.0, 4.5, 5.0)
+def test_starts_do_not_go_back_and_ends_come_after_their_start(tok):
+    grammar = grammar_for(tok)
+    grammar.last_start[:] = tok.time_token(2.0)
+    assert allowed(grammar) == [tok.EOS] + times(tok, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
+    grammar.slot, grammar.current_start[:] = 1, tok.time_token(3.0)
+    assert allowed(grammar) == times(tok, 3.5, 4.0, 4.5, 5.0)
 
 
 def test_ties_beyond_one_per_speaker_move_the_start_on_and_a_dead_end_ends(tok):
-    state = state_for(tok, max_speakers=2)
+    grammar = grammar_for(tok, max_speakers=2)
     for token in times(tok, 2.0, 3.0) + [tok.speaker_token("A")] + times(tok, 2.0, 3.0) + [tok.speaker_token("B")]:
-        state.update(torch.tensor([token]))
-    assert int(state.ties[0]) == 2
-    logits = torch.zeros(1, tok.vocab_size)
-    TimeOrderFilter().apply(logits, state)
-    assert [t for t in allowed(logits) if tok.is_time(t)][0] == tok.time_token(2.5)
+        grammar.update(torch.tensor([token]))
+    assert int(grammar.ties[0]) == 2
+    assert [t for t in allowed(grammar) if tok.is_time(t)][0] == tok.time_token(2.5)
     # Stuck at the last start while a minimum speaker count refuses EOS: EOS all the same.
-    state.last_start[:] = tok.time_token(5.0) - 1
-    state.min_speakers = 3
-    logits = torch.zeros(1, tok.vocab_size)
-    for grammar_filter in GRAMMAR:
-        grammar_filter.apply(logits, state)
-    assert allowed(logits) == [tok.EOS]
+    grammar.last_start[:] = tok.time_token(5.0) - 1
+    grammar.min_speakers = 3
+    assert allowed(grammar) == [tok.EOS]
 
 
-def test_time_range_filter(tok):
-    state = state_for(tok, min_seconds=1.0, max_seconds=3.0)
-    logits = torch.zeros(1, tok.vocab_size)
-    TimeRangeFilter().apply(logits, state)
-    assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 1.0, 1.5, 2.0, 2.5)
-    state.slot = 1
-    logits = torch.zeros(1, tok.vocab_size)
-    TimeRangeFilter().apply(logits, state)
-    assert [t for t in allowed(logits) if tok.is_time(t)] == times(tok, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+def test_times_stay_inside_the_chunk(tok):
+    grammar = grammar_for(tok, min_seconds=1.0, max_seconds=3.0)
+    assert allowed(grammar) == [tok.EOS] + times(tok, 1.0, 1.5, 2.0, 2.5)  # a start leaves room for an end
+    grammar.update(torch.tensor([tok.time_token(1.0)]))
+    assert allowed(grammar) == times(tok, 1.5, 2.0, 2.5, 3.0)
 
 
-def test_speaker_filter(tok):
-    state = state_for(tok, batch=3, max_speakers=2)
-    state.slot = 2
-    state.letters_used = torch.tensor([0, 1, 2])
-    logits = torch.zeros(3, tok.vocab_size)
-    SpeakerFilter().apply(logits, state)
-    speakers = [[t for t in allowed(logits, row) if tok.is_speaker(t)] for row in range(3)]
+def test_a_new_letter_only_after_the_used_ones_and_at_most_max_speakers(tok):
+    grammar = grammar_for(tok, batch=3, max_speakers=2)
+    grammar.slot = 2
+    grammar.letters_used = torch.tensor([0, 1, 2])
     a, b = tok.speaker_token("A"), tok.speaker_token("B")
-    assert speakers == [[a], [a, b], [a, b]]
+    assert [allowed(grammar, row) for row in range(3)] == [[tok.noise, a], [tok.noise, a, b], [tok.noise, a, b]]
 
 
-def test_length_filter(tok):
-    state = state_for(tok, max_triples=2)
-    state.triples = 2
-    logits = torch.zeros(1, tok.vocab_size)
-    LengthFilter().apply(logits, state)
-    assert allowed(logits) == [tok.EOS]
+def test_min_speakers_refuses_eos_and_max_triples_forces_it(tok):
+    grammar = grammar_for(tok, letters=1, max_triples=2)
+    grammar.min_speakers = 2
+    assert tok.EOS not in allowed(grammar)
+    grammar.triples = 2
+    assert allowed(grammar) == [tok.EOS]
 
 
-def test_grammar_state_tracks_triples(tok):
-    state = state_for(tok, letters=1)
+def test_grammar_tracks_triples(tok):
+    grammar = grammar_for(tok, letters=1)
     for token in [tok.time_token(1.0), tok.time_token(2.0), tok.speaker_token("B")]:
-        state.update(torch.tensor([token]))
-    assert state.slot == 0 and state.triples == 1
-    assert int(state.letters_used) == 2 and int(state.last_start) == tok.time_token(1.0)
-    state.update(torch.tensor([tok.EOS]))
-    assert bool(state.finished[0])
+        grammar.update(torch.tensor([token]))
+    assert grammar.slot == 0 and grammar.triples == 1
+    assert int(grammar.letters_used) == 2 and int(grammar.last_start) == tok.time_token(1.0)
+    grammar.update(torch.tensor([tok.EOS]))
+    assert bool(grammar.finished[0])
 
 
 def small_model(seed: int = 0) -> DiarizationModel:

@@ -1,14 +1,12 @@
 """From audio (and optional speaker prompts) to turns: grammar-constrained generation with a KV cache.
 
-The grammar is a list of small logit filters, in the manner of openai/whisper: each one removes the
-tokens that cannot come next, so whatever the model prefers, the output is a well-formed answer:
-
-* `SlotFilter`: start, end, speaker in turn; EOS only where a triple could start; never PAD, START,
-  PROMPT_END.
-* `TimeOrderFilter`: starts never decrease (the training order), ends come after their start.
-* `TimeRangeFilter`: times inside the chunk, i.e. after the prompt clips and before the audio ends.
-* `SpeakerFilter`: a new letter only once all earlier letters are used, at most `max_speakers`.
-* `LengthFilter`: EOS once `max_triples` triples are written.
+The grammar (`Grammar`) removes the tokens that cannot come next, so whatever the model prefers, the
+output is a well-formed answer: start, end, speaker in turn (never PAD, START, PROMPT_END); starts
+never go back (the training order) and ends come after their start; times inside the chunk, i.e. after
+the prompt clips and before the audio ends; a new letter only once all earlier letters are used, at most
+`max_speakers`; EOS only where a triple could start, and once `max_triples` triples are written. In
+every slot each item allows one range of token ids (plus EOS or NOISE), so a batch's mask is two
+comparisons against a row of token ids, a handful of tensor operations per token.
 
 `decode(model, audio, prompts, options)` is the one entry point; `DecodingOptions.strategy` picks how
 a token is chosen from the filtered logits: greedy (argmax), beam search (the `beam_size` best partial
@@ -84,9 +82,9 @@ class DecodingResult:
     speaker_counts: np.ndarray | None = None
 
 
-class GrammarState:
-    """Where each item of a batch is in the answer grammar. All items step together, so the slot
-    (0 start, 1 end, 2 speaker) is shared; finished items keep being fed EOS.
+class Grammar:
+    """Where each item of a batch is in the answer grammar, and which tokens it allows next. All items
+    step together, so the slot (0 start, 1 end, 2 speaker) is shared; finished items keep being fed EOS.
 
     Times are token ids: `min_time`/`max_time` bound the chunk, `last_start` is the start of the
     previous triple, `ties` how many triples in a row start there, `letters_used` counts letters so far
@@ -105,6 +103,47 @@ class GrammarState:
         self.current_start = min_time.clone()
         self.ties = torch.zeros_like(min_time)
         self.finished = torch.zeros_like(min_time, dtype=torch.bool)
+        self.token_ids = torch.arange(tokenizer.vocab_size, device=min_time.device)
+
+    def allowed(self) -> torch.Tensor:
+        """(B, vocab) True for the tokens that may come next. Each slot allows one range of token ids per
+        item (every rule below narrows it), plus EOS where a triple could start and NOISE as a label:
+
+        * start: not before the previous start (the training order), and past it once `max_speakers`
+          triples share it (one per speaker: beyond that the model is repeating itself, a loop that would
+          otherwise fill the whole answer with copies of one turn); inside the chunk, i.e. after the
+          prompt clips and before the audio ends, leaving room for an end. EOS, unless fewer than
+          `min_speakers` letters are used; nothing but EOS once `max_triples` triples are written.
+        * end: after its start, at most the end of the audio.
+        * speaker: a used letter, or the next new one while fewer than `max_speakers` are used.
+
+        Finished items allow nothing (`constrain` gives them EOS)."""
+        tok = self.tokenizer
+        if self.slot == 0:
+            first = torch.maximum(self.min_time, self.last_start + (self.ties >= self.max_speakers).long())
+            stop = self.max_time if self.triples < self.max_triples else first
+        elif self.slot == 1:
+            first, stop = self.current_start + 1, self.max_time + 1
+        else:
+            used = self.letters_used
+            first = torch.full_like(used, tok.speaker_offset)
+            stop = tok.speaker_offset + torch.where(used < self.max_speakers, used + 1, used)
+        allowed = (self.token_ids >= first[:, None]) & (self.token_ids < stop[:, None])
+        if self.slot == 0:
+            enough_letters = self.letters_used >= self.min_speakers
+            allowed[:, tok.EOS] = enough_letters | (self.triples >= self.max_triples)
+        elif self.slot == 2 and tok.noise is not None:
+            allowed[:, tok.noise] = True
+        return allowed & ~self.finished[:, None]
+
+    def constrain(self, logits: torch.Tensor) -> None:
+        """Set the logits (B, vocab) of tokens that may not come next to -inf, in place. Where nothing may
+        (a finished item, or a dead end: a start forced past the end while a minimum speaker count still
+        refuses EOS), EOS gets logit 0: the answer cannot go on."""
+        allowed = self.allowed()
+        logits.masked_fill_(~allowed, -torch.inf)
+        eos = self.tokenizer.EOS
+        logits[:, eos] = torch.where(allowed.any(dim=-1), logits[:, eos], 0.0)
 
     def update(self, tokens: torch.Tensor) -> None:
         tok = self.tokenizer
@@ -114,7 +153,7 @@ class GrammarState:
         elif self.slot == 2:
             tied = (self.current_start == self.last_start) & (self.ties > 0)
             self.ties = torch.where(tied, self.ties + 1, torch.ones_like(self.ties))
-            self.last_start = self.current_start.clone()
+            self.last_start = self.current_start
             new_letter = (tokens == tok.speaker_offset + self.letters_used) & ~self.finished
             self.letters_used = self.letters_used + new_letter.long()
             self.triples += 1
@@ -124,101 +163,6 @@ class GrammarState:
         """Follow a re-ranking of beams: row r now continues old row `rows[r]`."""
         for name in ("min_time", "max_time", "letters_used", "last_start", "current_start", "ties", "finished"):
             setattr(self, name, getattr(self, name)[rows])
-
-
-class LogitFilter:
-    """Sets the logits of tokens that may not come next to -inf, in place."""
-
-    def apply(self, logits: torch.Tensor, state: GrammarState) -> None:
-        raise NotImplementedError
-
-
-def _token_ids(logits: torch.Tensor) -> torch.Tensor:
-    return torch.arange(logits.shape[-1], device=logits.device)
-
-
-def _time_ids(logits: torch.Tensor, tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, vocab) token ids and the mask of time tokens among them."""
-    ids = _token_ids(logits)[None]
-    return ids, (ids >= tok.time_offset) & (ids < tok.speaker_offset)
-
-
-class SlotFilter(LogitFilter):
-    def apply(self, logits, state):
-        tok = state.tokenizer
-        ids = _token_ids(logits)
-        is_time = (ids >= tok.time_offset) & (ids < tok.speaker_offset)
-        if state.slot == 2:
-            allowed = ids >= tok.speaker_offset
-            if tok.noise is not None:
-                allowed |= ids == tok.noise
-        elif state.slot == 1:
-            allowed = is_time
-        else:
-            allowed = is_time | (ids == tok.EOS)
-        logits[:, ~allowed] = -torch.inf
-        if state.slot == 0 and state.triples < state.max_triples:
-            logits[state.letters_used < state.min_speakers, tok.EOS] = -torch.inf
-        logits[state.finished] = -torch.inf
-        logits[state.finished, tok.EOS] = 0.0
-
-
-class TimeOrderFilter(LogitFilter):
-    """Starts never go back; ends come after their start. At most `max_speakers` triples share a start
-    (one per speaker): beyond that the model is repeating itself, a loop that would otherwise fill the
-    whole answer with copies of one turn, so the next start must move on."""
-
-    def apply(self, logits, state):
-        ids, is_time = _time_ids(logits, state.tokenizer)
-        if state.slot == 0:
-            earliest = state.last_start + (state.ties >= state.max_speakers).long()
-            logits[is_time & (ids < earliest[:, None])] = -torch.inf
-        elif state.slot == 1:
-            logits[is_time & (ids <= state.current_start[:, None])] = -torch.inf
-
-
-class TimeRangeFilter(LogitFilter):
-    def apply(self, logits, state):
-        ids, is_time = _time_ids(logits, state.tokenizer)
-        if state.slot == 0:
-            # A start must leave room for an end after it.
-            outside = (ids < state.min_time[:, None]) | (ids >= state.max_time[:, None])
-        elif state.slot == 1:
-            outside = ids > state.max_time[:, None]
-        else:
-            return
-        logits[is_time & outside] = -torch.inf
-
-
-class SpeakerFilter(LogitFilter):
-    def apply(self, logits, state):
-        if state.slot != 2:
-            return
-        tok = state.tokenizer
-        letter = _token_ids(logits)[None] - tok.speaker_offset
-        used = state.letters_used
-        limit = torch.where(used < state.max_speakers, used, used - 1)
-        logits[(letter >= 0) & (letter > limit[:, None])] = -torch.inf
-
-
-class LengthFilter(LogitFilter):
-    def apply(self, logits, state):
-        if state.slot == 0 and state.triples >= state.max_triples:
-            eos = state.tokenizer.EOS
-            keep = logits[:, eos].clone()
-            logits[:] = -torch.inf
-            logits[:, eos] = keep
-
-
-class DeadEndFilter(LogitFilter):
-    """Where the rules above leave nothing (a start forced past the end while a minimum speaker count
-    still refuses EOS), EOS: the answer cannot go on."""
-
-    def apply(self, logits, state):
-        logits[(logits == -torch.inf).all(dim=-1), state.tokenizer.EOS] = 0.0
-
-
-GRAMMAR = (SlotFilter(), TimeOrderFilter(), TimeRangeFilter(), SpeakerFilter(), LengthFilter(), DeadEndFilter())
 
 
 def choose(logits: torch.Tensor, options: DecodingOptions, generator: torch.Generator | None) -> torch.Tensor:
@@ -244,7 +188,7 @@ def rerank_beams(scores: torch.Tensor, logits: torch.Tensor, beam_size: int) -> 
     return (base + index // vocab).reshape(-1), (index % vocab).reshape(-1), best.reshape(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequence[Sequence[Turn]] | None = None,
            options: DecodingOptions | None = None) -> list[DecodingResult]:
     """Diarize a batch of 16 kHz inputs, each optionally preceded by speaker prompt clips.
@@ -280,7 +224,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         rows = torch.arange(len(audio), device=device).repeat_interleave(beams)
         generation.reorder(rows)
         logits, pos = logits[rows], pos[rows]
-    state = GrammarState(
+    grammar = Grammar(
         tokenizer=tok,
         min_time=torch.tensor([tok.time_token(max((t.end for t in p), default=0.0)) for p in prompts],
                               device=device).repeat_interleave(beams),
@@ -293,27 +237,26 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     scores = torch.zeros(len(audio) * beams, device=device)
     if beams > 1:
         scores.view(len(audio), beams)[:, 1:] = -torch.inf
-    generated = torch.zeros(len(audio) * beams, 0, dtype=torch.long, device=device)
-    probabilities = torch.zeros(len(audio) * beams, 0, device=device)
+    generated = torch.full((len(audio) * beams, max_new), tok.EOS, dtype=torch.long, device=device)
+    probabilities = torch.zeros(len(audio) * beams, max_new, device=device)
     lengths = torch.zeros(len(audio) * beams, device=device)
-    for _ in range(max_new):
+    for written in range(max_new):
         logits = logits.float()
         if options.eos_penalty:
             logits[:, tok.EOS] -= options.eos_penalty
-        for grammar_filter in GRAMMAR:
-            grammar_filter.apply(logits, state)
+        grammar.constrain(logits)
         if beams > 1:
             rows, chosen, scores = rerank_beams(scores, logits, beams)
             generation.reorder(rows)
-            state.reorder(rows)
+            grammar.reorder(rows)
             logits, generated, probabilities, lengths = logits[rows], generated[rows], probabilities[rows], lengths[rows]
         else:
             chosen = choose(logits, options, generator)
-        lengths = lengths + (~state.finished).float()
-        probabilities = torch.cat([probabilities, torch.softmax(logits, -1).gather(1, chosen[:, None])], dim=1)
-        generated = torch.cat([generated, chosen[:, None]], dim=1)
-        state.update(chosen)
-        if bool(state.finished.all()):
+        lengths += ~grammar.finished
+        probabilities[:, written] = torch.softmax(logits, -1).gather(1, chosen[:, None])[:, 0]
+        generated[:, written] = chosen
+        grammar.update(chosen)
+        if bool(grammar.finished.all()):
             break
         logits = model.step(generation, chosen, pos)
         pos = pos + 1
@@ -322,26 +265,14 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         best = (scores / lengths.clamp(min=1)).view(len(audio), beams).argmax(dim=-1)
         keep = torch.arange(len(audio), device=device) * beams + best
         generated, probabilities = generated[keep], probabilities[keep]
-    results = [_result(tok, generated[i].tolist(), probabilities[i].tolist(), encoded[i].letters, options)
-               for i in range(len(audio))]
+    results = []
+    for i, prompt in enumerate(encoded):
+        tokens = generated[i, :written + 1].tolist()
+        tokens = tokens[:tokens.index(tok.EOS)] if tok.EOS in tokens else tokens
+        turns, turn_scores = tok.turns(tokens, probabilities[i, :len(tokens)].tolist(), options.keep_noise)
+        results.append(DecodingResult(turns, turn_scores, tokens, dict(prompt.letters)))
     if speaker_counts is not None:
         frames = model.front_end.num_frames(audio_lengths)
         for i, result in enumerate(results):
             result.speaker_counts = speaker_counts[i, :int(frames[i])].cpu().numpy()
     return results
-
-
-def _result(tok: Tokenizer, tokens: list[int], probabilities: list[float], letters: dict[str, str],
-            options: DecodingOptions) -> DecodingResult:
-    if tok.EOS in tokens:
-        end = tokens.index(tok.EOS)
-        tokens, probabilities = tokens[:end], probabilities[:end]
-    turns, scores = [], []
-    for i in range(0, len(tokens) - 2, 3):
-        start, stop, label = tokens[i:i + 3]
-        if label == tok.noise and not options.keep_noise:
-            continue
-        speaker = "NOISE" if label == tok.noise else tok.letter_of(label)
-        turns.append(Turn(round(tok.time_of(start), 6), round(tok.time_of(stop), 6), speaker))
-        scores.append(probabilities[i + 2])
-    return DecodingResult(turns, scores, tokens, dict(letters))

@@ -62,28 +62,32 @@ class SpanVoices:
         return SpanVoices(self.model, self.voices[rows], self.frame_seconds, self.recent[rows],
                           self.letter_sums[rows], self.letter_counts[rows])
 
-    def advance(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def advance(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(B, N, d) inputs added to `tokens` (B, N), of which `lengths` are real, and (B, N, K) biases of
-        the letter logits at each position (None without voice similarity); the state moves past them."""
+        the letter logits at each position (None without voice similarity); both None when no token ends
+        or labels a span (as in a third of all steps: those that write a start time). The state moves past
+        the tokens."""
         model, tok = self.model, self.model.tokenizer
         context = torch.cat([self.recent, tokens], dim=1)
+        last_real = (lengths - 1).clamp(min=0)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.recent = torch.stack([context[rows, last_real + 1], context[rows, last_real + 2]], dim=1)
         is_time, seconds = model.token_is_time[context], model.token_seconds[context]
         current, last, before_last = (slice(2, None), slice(1, -1), slice(None, -2))
         is_end = is_time[:, current] & is_time[:, last]
         is_label = ~is_time[:, current] & (tokens > tok.PROMPT_END) & is_time[:, last] & is_time[:, before_last]
+        has_span = is_end | is_label
+        if not bool(has_span.any()):
+            return None, None
         start = torch.where(is_end, seconds[:, last], seconds[:, before_last])
         end = torch.where(is_end, seconds[:, current], seconds[:, last])
         inside = ((self.frame_seconds >= start[..., None]) & (self.frame_seconds < end[..., None])
-                  & (is_end | is_label)[..., None])
+                  & has_span[..., None])
         pooled = F.normalize(torch.bmm(inside.to(self.voices.dtype), self.voices), dim=-1)
-        last_real = (lengths - 1).clamp(min=0)
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-        self.recent = torch.stack([context[rows, last_real + 1], context[rows, last_real + 2]], dim=1)
         if model.similarity_scale is None:
             return model.span_projection(pooled), None
-        letter = tokens - tok.speaker_offset
-        labelled = F.one_hot(letter.clamp(0, tok.num_speakers - 1), tok.num_speakers).to(pooled.dtype)
-        labelled = labelled * (is_label & (letter >= 0))[..., None]  # (B, N, K)
+        letters = torch.arange(tok.speaker_offset, tok.speaker_offset + tok.num_speakers, device=tokens.device)
+        labelled = ((tokens[..., None] == letters) & is_label[..., None]).to(pooled.dtype)  # (B, N, K)
         sums = self.letter_sums[:, None] + (labelled[..., None] * pooled[:, :, None]).cumsum(1)  # (B, N, K, E)
         counts = self.letter_counts[:, None] + labelled.cumsum(1)
         cosine = (F.normalize(sums, dim=-1) * pooled[:, :, None]).sum(-1)

@@ -115,17 +115,18 @@ def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> tor
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, base: float, fraction: float = 1.0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B, 1, L, half) of the RoPE angles of (B, L) positions, where the first 2 * half =
-    `fraction` of a head's dims rotate; computed once per pass, shared by every layer's queries and keys."""
+    """cos and sin (..., half) of the RoPE angles of positions (...), where the first 2 * half =
+    `fraction` of a head's dims rotate; computed once per pass (or once per generation, as a table
+    over positions), shared by every layer's queries and keys."""
     half = int(head_dim * fraction) // 2
     freqs = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1))
-    angles = positions.float()[:, None, :, None] * freqs
+    angles = positions.float()[..., None] * freqs
     return torch.cos(angles), torch.sin(angles)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(..., B, H, L, hd) queries or keys rotated by `rotary_angles` (rotate-half layout); the dims past
-    the rotated ones pass unchanged."""
+    """(..., B, H, L, hd) queries or keys rotated by the (B, 1, L, half) `rotary_angles` of their positions
+    (rotate-half layout); the dims past the rotated ones pass unchanged."""
     half = cos.shape[-1]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
@@ -151,29 +152,33 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: to
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of sequences, preallocated for the longest one, and
-    which slots hold something to attend to (padding does not).
+    """Keys and values of every layer for a batch of sequences, preallocated for the longest one, and the
+    attention bias (B, 1, 1, capacity) of every slot: 0 where it holds something to attend to, -inf for
+    padding and for slots not written yet.
 
-    A step's token comes after everything in the cache, so it may attend to every valid slot: the
-    valid slots are its whole attention mask."""
+    A step's token comes after everything in the cache, so it may attend to every slot that holds
+    something: the bias is its whole attention mask, kept up to date as slots are written."""
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, capacity: int,
                  device: torch.device, dtype: torch.dtype):
         self.keys = torch.zeros(n_layers, batch, n_heads, capacity, head_dim, device=device, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.bias = torch.full((batch, 1, 1, capacity), -torch.inf, device=device, dtype=dtype)
         self.length = 0
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
-        self.keys, self.values, self.valid = self.keys[:, rows], self.values[:, rows], self.valid[rows]
+        self.keys, self.values, self.bias = self.keys[:, rows], self.values[:, rows], self.bias[rows]
 
-    def append(self, valid: torch.Tensor) -> slice:
-        """Claim the next (B, L) slots, of which `valid` hold real positions; returns them."""
-        new = slice(self.length, self.length + valid.shape[1])
-        if new.stop > self.valid.shape[1]:
+    def append(self, count: int, valid: torch.Tensor | None = None) -> slice:
+        """Claim the next `count` slots, of which `valid` (B, count) hold real positions (all of them when
+        not given); returns them."""
+        new = slice(self.length, self.length + count)
+        if new.stop > self.bias.shape[-1]:
             raise ValueError("KV cache is full")
-        self.valid[:, new] = valid
+        self.bias[..., new] = 0.0
+        if valid is not None:
+            self.bias[:, 0, 0, new].masked_fill_(~valid, -torch.inf)
         self.length = new.stop
         return new
 
@@ -194,11 +199,14 @@ class TokenContext:
 
 @dataclass
 class Generation:
-    """What `DiarizationModel.step` carries from one token to the next, as `prefill` left it; with an
-    overlap head, also its (B, T, 3) probabilities of none, one, and two or more speakers per frame."""
+    """What `DiarizationModel.step` carries from one token to the next, as `prefill` left it: the cache,
+    the token context, and the `rotary_angles` (cos, sin; (capacity, 1, 1, half) each) of every position
+    the cache can hold, so a step looks its angles up. With an overlap head, also its (B, T, 3)
+    probabilities of none, one, and two or more speakers per frame."""
 
     cache: KVCache
     context: TokenContext
+    rope: tuple[torch.Tensor, torch.Tensor]
     speaker_counts: torch.Tensor | None
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -374,10 +382,8 @@ class DiarizationModel(nn.Module):
         letter logits at each of their positions (None without voice similarity); advances the extras'
         state in `context` past them."""
         x = F.embedding(tokens, context.table)
-        if context.spans is None:
-            return x, None
-        extra, bias = context.spans.advance(tokens, lengths)
-        return x + extra.to(x.dtype), bias
+        extra, bias = (None, None) if context.spans is None else context.spans.advance(tokens, lengths)
+        return (x, bias) if extra is None else (x + extra.to(x.dtype), bias)
 
     def token_logits(self, hidden: torch.Tensor, letter_bias: torch.Tensor | None, context: TokenContext
                      ) -> torch.Tensor:
@@ -436,20 +442,23 @@ class DiarizationModel(nn.Module):
         is_audio = torch.cat([torch.ones_like(frame_index, dtype=torch.bool),
                               torch.zeros_like(token_index, dtype=torch.bool)], dim=1)
         mask = attention_mask(pos, pos, valid, is_audio, self.config.attention == "prefix")
-        slots = cache.append(valid) if cache is not None else None
-        return self.transformer(x, pos, mask, cache, slots)
+        slots = cache.append(valid.shape[1], valid) if cache is not None else None
+        cos, sin = self.rotary_angles(pos)
+        return self.transformer(x, (cos[:, None], sin[:, None]), mask, cache, slots)
 
-    def transformer(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None,
-                    slots: slice | None = None) -> torch.Tensor:
-        """The blocks and final norm over inputs (B, L, d) at positions (B, L)."""
-        rope = rotary_angles(pos, self.config.d_model // self.config.n_heads, self.config.rope_base,
+    def rotary_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_angles(positions, self.config.d_model // self.config.n_heads, self.config.rope_base,
                              self.config.rope_fraction)
+
+    def transformer(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                    cache: KVCache | None = None, slots: slice | None = None) -> torch.Tensor:
+        """The blocks and final norm over inputs (B, L, d) with (B, 1, L, half) `rotary_angles`."""
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, layer, slots)
         return self.norm(x)
 
     # --- generation ----------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
                 token_lengths: torch.Tensor, max_new_tokens: int) -> tuple[Generation, torch.Tensor, torch.Tensor]:
         """Run audio + given tokens once into a fresh cache.
@@ -470,15 +479,17 @@ class DiarizationModel(nn.Module):
         if self.speaker_count is not None:
             counts = self.speaker_count(run.audio_x, run.audio_hidden, run.frames)
             speaker_counts = torch.softmax(counts.float(), dim=-1)
-        return Generation(cache, run.context, speaker_counts), logits, run.frames + token_lengths
+        rope = self.rotary_angles(torch.arange(capacity, device=audio.device)[:, None, None])
+        return Generation(cache, run.context, rope, speaker_counts), logits, run.frames + token_lengths
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, generation: Generation, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Feed one token per item (B,) at positions (B,); returns the next logits (B, vocab)."""
         x, letter_bias = self.embed_tokens(tokens[:, None], torch.ones_like(tokens), generation.context)
         cache = generation.cache
-        slots = cache.append(torch.ones_like(tokens, dtype=torch.bool)[:, None])
-        hidden = self.transformer(x, pos[:, None], cache.valid[:, None, None, :slots.stop], cache, slots)
+        slots = cache.append(1)
+        rope = tuple(angles[pos] for angles in generation.rope)
+        hidden = self.transformer(x, rope, cache.bias[..., :slots.stop], cache, slots)
         return self.token_logits(hidden, letter_bias, generation.context)[:, 0]
 
 
