@@ -41,7 +41,7 @@ class ScriptedModel(torch.nn.Module):
                 out[row, token] = math.log(probability)
         return out
 
-    def prefill(self, audio, audio_lengths, tokens, token_lengths, max_new):
+    def prefill(self, audio, audio_lengths, tokens, token_lengths, max_new, frozen=None):
         generation = ScriptedGeneration(audio.shape[0])
         return generation, self.logits(generation), torch.zeros(audio.shape[0], dtype=torch.long)
 

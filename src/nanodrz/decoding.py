@@ -28,6 +28,7 @@ import torch
 from nanodrz.annotation import Turn
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.errors import NanodrzError
+from nanodrz.features import FrozenFeatures
 from nanodrz.model import DiarizationModel, pad_audio, pad_values
 from nanodrz.tokenizer import Tokenizer
 
@@ -190,11 +191,13 @@ def rerank_beams(scores: torch.Tensor, logits: torch.Tensor, beam_size: int) -> 
 
 @torch.inference_mode()
 def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequence[Sequence[Turn]] | None = None,
-           options: DecodingOptions | None = None) -> list[DecodingResult]:
+           options: DecodingOptions | None = None, frozen: Sequence[FrozenFeatures] | None = None
+           ) -> list[DecodingResult]:
     """Diarize a batch of 16 kHz inputs, each optionally preceded by speaker prompt clips.
 
     `prompts[i]` are the turns of the prompt clips at the start of `audio[i]` (see
     `examples.assemble_prompted_input`); answer turns are constrained to start after the last of them.
+    `frozen[i]`, when given, are the frozen encoders' outputs for `audio[i]` (`longform`'s encode-once).
     """
     options = options or DecodingOptions()
     tok = model.tokenizer
@@ -217,7 +220,8 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     tokens, token_lengths = pad_values(given, tok.PAD, torch.long)
     tokens, token_lengths = tokens.to(device), token_lengths.to(device)
     max_new = 3 * options.max_triples + 1
-    generation, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new)
+    generation, logits, pos = model.prefill(audio_batch, audio_lengths, tokens, token_lengths, max_new,
+                                            frozen=None if frozen is None else list(frozen))
     speaker_counts = generation.speaker_counts
     beams = options.beam_size if options.strategy == "beam" else 1
     if beams > 1:

@@ -24,13 +24,11 @@ One sequence per example: audio positions (from the front end), then tokens
   writing position's query and the final state of the audio frame at that time: the tied output layer
   can only say *where* by reproducing a position code; the pointer lets a frame that sounds like a turn
   boundary vote for itself.
+* `overlap_head: true` adds a read-out of every audio position (`SpeakerCountHead`): how many speakers
+  talk in that frame (none, one, two or more), as in powerset segmentation. Long-form inference uses it to
+  find overlapped speech the decoder did not write; grown onto a trained model with the rest frozen, it
+  costs no change to what the decoder writes.
 * Generation uses a KV cache: the prefix (audio + prompt tokens) is run once, then one token per step.
-* `overlap_head: true` adds a small read-out of every audio position's input and final state
-  (`SpeakerCountHead`): how many speakers talk in that frame (none, one, two or more), one class per frame
-  as in powerset segmentation; `overlap_head_layers` > 1 widens its view with dilated convolutions.
-  Long-form inference uses it to find overlapped speech the decoder did not write
-  (`overlap.add_missed_overlap`); grown onto a trained model with the rest frozen, it costs no change
-  to what the decoder writes.
 """
 
 from __future__ import annotations
@@ -44,11 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanodrz.extras import SpanVoices, TimePointer
-from nanodrz.features import FRONT_ENDS
+from nanodrz.extras import SPEAKER_COUNT_CLASSES, SpanVoices, SpeakerCountHead, TimePointer
+from nanodrz.features import FRONT_ENDS, FrozenFeatures
 from nanodrz.tokenizer import Tokenizer
-
-SPEAKER_COUNT_CLASSES = 3  # none, one, two or more
 
 
 @dataclass
@@ -113,24 +109,16 @@ def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> tor
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
-def rotary_angles(positions: torch.Tensor, head_dim: int, base: float, fraction: float = 1.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (..., half) of the RoPE angles of positions (...), where the first 2 * half =
-    `fraction` of a head's dims rotate; computed once per pass (or once per generation, as a table
-    over positions), shared by every layer's queries and keys."""
-    half = int(head_dim * fraction) // 2
-    freqs = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1))
-    angles = positions.float()[..., None] * freqs
-    return torch.cos(angles), torch.sin(angles)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(..., B, H, L, hd) queries or keys rotated by the (B, 1, L, half) `rotary_angles` of their positions
-    (rotate-half layout); the dims past the rotated ones pass unchanged."""
-    half = cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    """(..., B, H, L, hd) queries or keys rotated by the (B, 1, L, 2 * half) `DiarizationModel.rotary_angles`
+    of their positions, as x * cos + (x with its halves swapped) * sin; the dims past the rotated ones pass
+    unchanged."""
+    rotated, half = cos.shape[-1], cos.shape[-1] // 2
+    if cos.dtype != x.dtype:  # under autocast
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    swapped = torch.cat([x[..., half:rotated], x[..., :half]], dim=-1)
+    y = x[..., :rotated] * cos + swapped * sin
+    return y if rotated == x.shape[-1] else torch.cat([y, x[..., rotated:]], dim=-1)
 
 
 def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
@@ -161,14 +149,16 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, capacity: int,
                  device: torch.device, dtype: torch.dtype):
-        self.keys = torch.zeros(n_layers, batch, n_heads, capacity, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
+        shape = (batch, n_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.bias = torch.full((batch, 1, 1, capacity), -torch.inf, device=device, dtype=dtype)
         self.length = 0
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
-        self.keys, self.values, self.bias = self.keys[:, rows], self.values[:, rows], self.bias[rows]
+        self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        self.bias = self.bias[rows]
 
     def append(self, count: int, valid: torch.Tensor | None = None) -> slice:
         """Claim the next `count` slots, of which `valid` (B, count) hold real positions (all of them when
@@ -200,7 +190,7 @@ class TokenContext:
 @dataclass
 class Generation:
     """What `DiarizationModel.step` carries from one token to the next, as `prefill` left it: the cache,
-    the token context, and the `rotary_angles` (cos, sin; (capacity, 1, 1, half) each) of every position
+    the token context, and the `rotary_angles` (cos, sin; (capacity, 1, 1, 2 * half) each) of every position
     the cache can hold, so a step looks its angles up. With an overlap head, also its (B, T, 3)
     probabilities of none, one, and two or more speakers per frame."""
 
@@ -229,9 +219,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         (q, k), v = rotate(qkv[:2], *rope), qkv[2]
         if cache is not None:
-            cache.keys[layer, :, :, slots] = k
-            cache.values[layer, :, :, slots] = v
-            k, v = cache.keys[layer, :, :, :slots.stop], cache.values[layer, :, :, :slots.stop]
+            cache.keys[layer][:, :, slots] = k
+            cache.values[layer][:, :, slots] = v
+            k, v = cache.keys[layer][:, :, :slots.stop], cache.values[layer][:, :, :slots.stop]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(batch, length, width))
@@ -253,31 +243,6 @@ class Block(nn.Module):
     def forward(self, x, rope, mask, cache=None, layer=0, slots=None):
         x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, mask, cache, layer, slots))
         return x + self.residual_dropout(self.mlp(self.mlp_norm(x)))
-
-
-class SpeakerCountHead(nn.Module):
-    """How many speakers talk in each audio frame (none, one, two or more), from the frame's input
-    (front end) next to its final state, with two frames of context each side (a 5-tap convolution):
-    the final states were trained to serve the tokens and may drop acoustic detail an overlap shows.
-    Each of `layers` - 1 further residual 5-tap convolutions, dilated 2, 4, ..., doubles the context
-    that reaches a frame's answer (3 layers: 14 frames, 0.56 s, each side)."""
-
-    def __init__(self, d_model: int, layers: int = 1):
-        super().__init__()
-        self.mix = nn.Conv1d(2 * d_model, d_model, kernel_size=5, padding=2)
-        self.context = nn.ModuleList(nn.Conv1d(d_model, d_model, kernel_size=5, padding=2 * 2 ** i, dilation=2 ** i)
-                                     for i in range(1, layers))
-        self.out = nn.Linear(d_model, SPEAKER_COUNT_CLASSES)
-
-    def forward(self, audio_x: torch.Tensor, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3) logits from (B, T, d) inputs and final states of which `frames` (B,) are real; padding
-        is zeroed first (and after every layer), so an item's logits do not depend on its batch."""
-        real = (torch.arange(audio_x.shape[1], device=audio_x.device) < frames[:, None])[:, None, :]
-        x = torch.cat([audio_x, hidden.to(audio_x.dtype)], dim=-1).transpose(1, 2) * real
-        x = F.gelu(self.mix(x)) * real
-        for layer in self.context:
-            x = x + F.gelu(layer(x)) * real
-        return self.out(x.transpose(1, 2))
 
 
 @dataclass
@@ -305,7 +270,6 @@ class DiarizationModel(nn.Module):
         self.time_projection = nn.Linear(config.d_model, config.d_model, bias=False) if config.time_embedding else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
-        self.activity = None  # TEMPORARY (removed before the final commit): train.py reads it
         self.speaker_count = SpeakerCountHead(config.d_model, config.overlap_head_layers) if config.overlap_head else None
         # The extras' layers (see `extras.py`), under the names checkpoints store them by.
         self.span_projection = (nn.Linear(self.front_end.embedding_size, config.d_model, bias=False)
@@ -362,15 +326,17 @@ class DiarizationModel(nn.Module):
             table = table + self.time_vectors(self.token_seconds) * self.token_is_time[:, None]
         return table
 
-    def embed_audio(self, audio: torch.Tensor, audio_lengths: torch.Tensor
+    def embed_audio(self, audio: torch.Tensor, audio_lengths: torch.Tensor,
+                    frozen: list[FrozenFeatures] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Audio positions (B, T, d), real frame counts (B,), and with span voices the (B, T, E) window
-        embeddings."""
+        embeddings; `frozen` gives the frozen encoders' outputs instead of computing them."""
         voices = None
+        given = {} if frozen is None else {"frozen": frozen}
         if self.span_projection is not None:
-            x, frames, voices = self.front_end.forward_with_embeddings(audio, audio_lengths)
+            x, frames, voices = self.front_end.forward_with_embeddings(audio, audio_lengths, **given)
         else:
-            x, frames = self.front_end(audio, audio_lengths)
+            x, frames = self.front_end(audio, audio_lengths, **given)
         if self.time_projection is not None:
             seconds = torch.arange(x.shape[1], device=x.device) / self.config.frame_rate
             x = x + self.time_vectors(seconds)
@@ -399,10 +365,11 @@ class DiarizationModel(nn.Module):
 
     # --- full sequences (training, scoring, prefill) -------------------------------------------
     def run(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
-            token_lengths: torch.Tensor, cache: KVCache | None = None) -> Pass:
+            token_lengths: torch.Tensor, cache: KVCache | None = None,
+            frozen: list[FrozenFeatures] | None = None) -> Pass:
         """Audio and `tokens` (B, N), of which `token_lengths` are real, through the transformer (filling
         `cache` when given)."""
-        audio_x, frames, voices = self.embed_audio(audio, audio_lengths)
+        audio_x, frames, voices = self.embed_audio(audio, audio_lengths, frozen)
         context = TokenContext(self.token_table())
         if voices is not None:
             context.spans = SpanVoices.start(self, voices)
@@ -447,12 +414,18 @@ class DiarizationModel(nn.Module):
         return self.transformer(x, (cos[:, None], sin[:, None]), mask, cache, slots)
 
     def rotary_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary_angles(positions, self.config.d_model // self.config.n_heads, self.config.rope_base,
-                             self.config.rope_fraction)
+        """cos and signed sin (..., 2 * half) of the RoPE angles of positions (...), for `rotate`: the first
+        2 * half = `rope_fraction` of a head's dims rotate, dim i with dim i + half. Computed once per pass
+        (or once per generation, as a table over positions), shared by every layer's queries and keys."""
+        half = int(self.config.d_model // self.config.n_heads * self.config.rope_fraction) // 2
+        exponents = torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1)
+        angles = positions.float()[..., None] * self.config.rope_base ** -exponents
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
     def transformer(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                     cache: KVCache | None = None, slots: slice | None = None) -> torch.Tensor:
-        """The blocks and final norm over inputs (B, L, d) with (B, 1, L, half) `rotary_angles`."""
+        """The blocks and final norm over inputs (B, L, d) with (B, 1, L, 2 * half) `rotary_angles`."""
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, layer, slots)
         return self.norm(x)
@@ -460,8 +433,9 @@ class DiarizationModel(nn.Module):
     # --- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, audio: torch.Tensor, audio_lengths: torch.Tensor, tokens: torch.Tensor,
-                token_lengths: torch.Tensor, max_new_tokens: int) -> tuple[Generation, torch.Tensor, torch.Tensor]:
-        """Run audio + given tokens once into a fresh cache.
+                token_lengths: torch.Tensor, max_new_tokens: int, frozen: list[FrozenFeatures] | None = None
+                ) -> tuple[Generation, torch.Tensor, torch.Tensor]:
+        """Run audio + given tokens once into a fresh cache (`frozen`: see `embed_audio`).
 
         Returns what `step` needs, the logits (B, vocab) after each item's last given token, and the
         position (B,) the next token of each item will take.
@@ -471,7 +445,7 @@ class DiarizationModel(nn.Module):
         head_dim = self.config.d_model // self.config.n_heads
         cache = KVCache(self.config.n_layers, audio.shape[0], self.config.n_heads, head_dim, capacity,
                         audio.device, self.token_embedding.weight.dtype)
-        run = self.run(audio, audio_lengths, tokens, token_lengths, cache)
+        run = self.run(audio, audio_lengths, tokens, token_lengths, cache, frozen)
         last = (torch.arange(audio.shape[0]), token_lengths - 1)
         bias = None if run.letter_bias is None else run.letter_bias[last][:, None]
         logits = self.token_logits(run.token_hidden[last][:, None], bias, run.context)[:, 0]
@@ -543,15 +517,3 @@ def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Ten
     losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
     return (losses * target_weights).sum() / target_weights.sum().clamp(min=1e-8)
 
-
-# TEMPORARY (removed before the final commit): train.py and validation.py still import these.
-def activity_targets(spans: torch.Tensor, num_frames: int, frame_rate: float, num_speakers: int) -> torch.Tensor:
-    times = torch.arange(num_frames, device=spans.device) / frame_rate
-    letters = spans[..., 2].long()
-    inside = (times >= spans[..., :1]) & (times < spans[..., 1:2]) & (letters[..., None] >= 0)  # (B, N, T)
-    which = F.one_hot(letters.clamp(min=0), num_speakers).float()  # (B, N, S)
-    return torch.einsum("bnt,bns->bts", inside.float(), which).clamp(max=1.0)
-
-
-def activity_loss(logits, frames, spans, frame_rate):
-    raise ValueError("the activity head is retired")
