@@ -395,6 +395,28 @@ def test_shipped_model_diarizes_the_example_conversation():
     assert report.der(0.0) < 0.3  # 9.6% at collar 0 with the shipped model (bash scripts/run-example.sh)
 
 
+def test_encode_once_runs_each_frozen_encoder_once_per_chunk_and_still_diarizes():
+    from pathlib import Path
+
+    from nanodrz.encode_once import StretchEncoder
+    from nanodrz.evaluate import score
+
+    diarizer = Diarizer.from_pretrained()
+    encoder = diarizer.stretch_encoder(changed({"long_form.encode_once": True}))
+    rng = np.random.default_rng(0)
+    before, chunk, after = (rng.standard_normal(n).astype(np.float32) * 0.1 for n in (32000, 48000, 4000))
+    encoded = encoder.encode_chunk(before, chunk, after)
+    assert encoded.features.trunk.shape == (48000 // 320, 512) and encoded.context_seconds == 0.76
+    clip = encoder.cut(encoded.features, 640, 6400)
+    assembled = encoder.assemble([clip, clip], encoded.features)
+    assert assembled.trunk.shape[0] == 2 * (20 + 10) + 150  # clip, 200 ms gap, clip, gap, chunk at 50 frames/s
+    assert encoder.on_grid(700) == 640 and encoder.on_grid(700, up=True) == 1280
+    root = Path(__file__).resolve().parents[1] / "examples"
+    turns = from_annotation(diarizer(root / "conversation.wav", params=changed({"long_form.encode_once": True})))
+    assert score(read_rttm(root / "conversation.rttm"), {"conversation": turns}).der(0.0) < 0.3
+    assert isinstance(encoder, StretchEncoder) and tone_diarizer().stretch_encoder(PipelineParams()) is None
+
+
 def test_segmentation_gate_cuts_written_speech_where_segmentation_hears_none():
     from nanodrz.postprocess import ChunkOutputs
     from nanodrz.postprocess.resegment import FrameCounts

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from nanodrz.extras import SpanVoices
 from nanodrz.checkpoint import load_checkpoint, load_model, save_checkpoint
 from nanodrz.errors import NanodrzError
 from nanodrz.features import SegmentedSpeakerFrontEnd, SpeakerFrontEnd, WindowedSpeakerFrontEnd
@@ -130,7 +131,7 @@ def test_span_voices_pool_the_window_embeddings_of_each_triple_span():
                             tok.time_token(1.6), tok.time_token(2.8), tok.speaker_token("B"), tok.EOS]])
     with torch.no_grad():
         _, _, voices = model.embed_audio(audio, torch.tensor([3 * SR]))
-        inputs = model.span_inputs(tokens, torch.tensor([8]), model.empty_span_state(voices), voices)[0][0]
+        inputs = SpanVoices.start(model, voices).advance(tokens, torch.tensor([8]))[0][0]
     first = model.span_projection(torch.nn.functional.normalize(voices[0, 5:25].sum(0), dim=0))
     second = model.span_projection(torch.nn.functional.normalize(voices[0, 40:70].sum(0), dim=0))
     for position, expected in ((2, first), (3, first), (5, second), (6, second)):
@@ -147,7 +148,8 @@ def test_voice_similarity_compares_each_span_with_the_mean_voice_of_each_letter_
                                           for t in (tok.time_token(a), tok.time_token(b), tok.speaker_token(letter))]])
     with torch.no_grad():
         _, _, voices = model.embed_audio(audio, torch.tensor([3 * SR]))
-        _, bias, state = model.span_inputs(tokens, torch.tensor([10]), model.empty_span_state(voices), voices)
+        state = SpanVoices.start(model, voices)
+        _, bias = state.advance(tokens, torch.tensor([10]))
     centres = torch.arange(voices.shape[1]) / 25.0
 
     def span_voice(start: float, end: float) -> torch.Tensor:
