@@ -67,8 +67,8 @@ class StretchEncoder:
         first = lead // self.trunk_samples
         wanted = -(-len(chunk) // self.trunk_samples)
         own = trunk[first:first + wanted]
-        if len(own) < wanted:  # the encoder's last frame needs a little audio past the end
-            own = torch.cat([own, own[-1:].expand(wanted - len(own), -1)])
+        if len(own) < wanted:  # the encoder's last frames need a little audio past the end
+            own = torch.cat([own, trunk[-1:].expand(wanted - len(own), -1)])
         segmentation = None
         if self.segments:
             chunk_samples = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(self.device)
