@@ -176,6 +176,7 @@ class SpeakerFrontEnd(MelFrontEnd):
         encoder.requires_grad_(False)
         encoder.head.to(memory_format=torch.channels_last)
         self.__dict__["encoder"] = encoder  # not a submodule: kept out of state_dict, parameters and optimizer
+        self.bf16 = True  # where native; False runs the encoder in float32 (`benchmarks/stability.py`)
         self.projection = nn.Conv1d(self.encoder_channels, d_model, 2 * self.stride - 1, stride=self.stride,
                                     padding=self.stride - 1)
         nn.init.zeros_(self.projection.weight)
@@ -188,7 +189,8 @@ class SpeakerFrontEnd(MelFrontEnd):
 
         if next(self.encoder.parameters()).device != audio.device:
             self.encoder.to(audio.device)
-        with torch.autocast(audio.device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(audio.device)):
+        in_bf16 = self.bf16 and bf16_is_fast(audio.device)
+        with torch.autocast(audio.device.type, dtype=torch.bfloat16, enabled=in_bf16):
             x = self.encoder.head(fbank(audio).T[None])
             for name, layer in self.encoder.xvector.named_children():
                 if name == "stats":

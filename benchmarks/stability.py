@@ -1,0 +1,102 @@
+"""Stable decisions: DER and speaker counts under small numeric changes of the frozen encoders.
+
+The sets (folders of WAV + RTTM; validation speakers for choosing, test speakers for reporting) are decoded
+under three conditions, each with the model's own pipeline parameters:
+- `bf16`: as shipped (CAM++ in bfloat16 where the CPU runs it natively);
+- `fp32`: CAM++ in float32;
+- `once`: `long_form.encode_once`, the frozen encoders once per chunk (features from a different context).
+Per set: DER % (collar 0, overlap scored) per condition, its change from `bf16`, the files whose number of
+speakers changed, and the largest change of one file's DER. The issue's target: the same DER within 0.5
+points per set. Decoded sets are kept in `--cache` (shared with `nanodrz tune`).
+
+    .venv/bin/python benchmarks/stability.py data/validation_sets --cache data/tune_cache \\
+        --markdown benchmarks/results/stability_validation.md [--model M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanodrz.evaluate import score
+from nanodrz.fileio import atomic_open
+from nanodrz.params import DiarizationSettings
+from nanodrz.pipeline import Diarizer
+from nanodrz.tune import decode_sets, read_sets
+
+CONDITIONS = ("bf16", "fp32", "once")
+
+
+def per_file(found: dict, diarizer: Diarizer) -> dict[str, dict[str, tuple[float, int, int]]]:
+    """set -> file -> (DER %, speakers found, speakers in the reference)."""
+    settings = DiarizationSettings()
+    result: dict[str, dict[str, tuple[float, int, int]]] = {}
+    for set_name, recordings in found.items():
+        for recording in recordings:
+            turns = recording.outputs.finish(diarizer.params, settings)[0]
+            der = 100 * score({"x": recording.reference}, {"x": turns}, collars=(0.0,)).total.at(0.0).der \
+                if recording.reference else float("nan")
+            result.setdefault(set_name, {})[recording.name] = (der, len({t.speaker for t in turns}),
+                                                               len({t.speaker for t in recording.reference}))
+    return result
+
+
+def set_der(found: dict, diarizer: Diarizer, set_name: str) -> float:
+    recordings = found[set_name]
+    references = {r.name: r.reference for r in recordings}
+    hypotheses = {r.name: r.outputs.finish(diarizer.params, DiarizationSettings())[0] for r in recordings}
+    return 100 * score(references, hypotheses, collars=(0.0,)).total.at(0.0).der
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sets", type=Path)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--cache", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sets = read_sets(args.sets)
+    measured, files = {}, {}
+    for condition in CONDITIONS:
+        diarizer = Diarizer.from_pretrained(args.model)
+        diarizer.model.front_end.bf16 = condition != "fp32"
+        diarizer.params = diarizer.params.with_values({"long_form.encode_once": condition == "once"})
+        print(f"condition {condition}", file=sys.stderr)
+        found = decode_sets(diarizer, sets, args.batch_size, args.cache)
+        speech = [name for name, recordings in found.items() if any(r.reference for r in recordings)]
+        measured[condition] = {name: set_der(found, diarizer, name) for name in speech}
+        files[condition] = per_file({name: found[name] for name in speech}, diarizer)
+    names = sorted(measured["bf16"])
+    lines = ["# Stability of decisions: `benchmarks/stability.py`", "",
+             f"Sets under `{args.sets}`, model `{args.model or 'shipped'}`, its own pipeline parameters. DER % at "
+             "collar 0, overlap scored. `count changed`: files whose number of speakers differs from `bf16`; "
+             "`largest swing`: the largest change of one file's DER from `bf16`.", "",
+             "| set | bf16 | fp32 | Δ | count changed | largest swing | once | Δ | count changed | largest swing |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        cells = [f"{measured['bf16'][name]:.1f}"]
+        for condition in ("fp32", "once"):
+            base, other = files["bf16"][name], files[condition][name]
+            changed = sum(base[f][1] != other[f][1] for f in base)
+            swing = max(abs(np.nan_to_num(other[f][0] - base[f][0])) for f in base)
+            cells += [f"{measured[condition][name]:.1f}", f"{measured[condition][name] - measured['bf16'][name]:+.1f}",
+                      f"{changed}/{len(base)}", f"{swing:.1f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    means = {c: float(np.mean([measured[c][n] for n in names])) for c in CONDITIONS}
+    lines += ["", "Mean DER: " + ", ".join(f"{c} {means[c]:.2f}" for c in CONDITIONS) + "."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        with atomic_open(args.markdown) as handle:
+            handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
