@@ -8,10 +8,16 @@ something else slowed down) of
 
 * ms per token step (the generation loop's time, prefill excluded, over its steps) and of that, the
   model's own step, in wall-clock and in CPU time;
-* token steps per second (rows x steps over the loop's time) and the prefill's ms.
+* token steps per second (rows x steps over the loop's time) and the prefill's ms;
+* the number of ATen operations per token step (those not called by another one, prefill excluded):
+  unlike the times, the same on any machine, busy or not.
 
-Results go under --label in --json, next to the labels already there (e.g. "before" and "after" a change).
+Results go under --label in --json, next to the labels already there (e.g. "before" and "after" a change;
+an older tree runs from an export of its sources):
 
+    git archive b10f656 src | tar -x -C /tmp/before
+    OMP_NUM_THREADS=1 PYTHONPATH=/tmp/before/src .venv/bin/python benchmarks/token_step_speed.py --label before \
+        --commit b10f656
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/token_step_speed.py --label after
 """
 
@@ -58,7 +64,8 @@ class Timed:
 
         def timed_prefill(*args, **kwargs):
             begin, begin_cpu = time.perf_counter(), time.process_time()
-            out = prefill(*args, **kwargs)
+            with torch.profiler.record_function("prefill"):
+                out = prefill(*args, **kwargs)
             self.prefill_seconds += time.perf_counter() - begin
             self.prefill_cpu_seconds += time.process_time() - begin_cpu
             return out
@@ -76,6 +83,24 @@ class Timed:
     def reset(self) -> None:
         self.prefill_seconds = self.prefill_cpu_seconds = self.step_seconds = self.step_cpu_seconds = 0.0
         self.steps = 0
+
+
+def operations_per_step(model: torch.nn.Module, audio: list[np.ndarray], timer: Timed) -> float:
+    """Top-level ATen operations of one greedy decode outside the prefill, per token step."""
+    timer.reset()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        decode(model, audio, None, DecodingOptions())
+    count = 0
+    for event in profile.events():
+        parents = []
+        parent = event.cpu_parent
+        while parent is not None:
+            parents.append(parent.name)
+            parent = parent.cpu_parent
+        if event.name.startswith("aten::") and "prefill" not in parents and not any(
+                name.startswith("aten::") for name in parents):
+            count += 1
+    return count / timer.steps
 
 
 def measure(model_path: Path, batch: int, repeats: int) -> dict:
@@ -98,8 +123,9 @@ def measure(model_path: Path, batch: int, repeats: int) -> dict:
                      "prefill_ms": 1000 * timer.prefill_seconds})
     best = {key: (max if key.endswith("per_second") else min)(run[key] for run in runs) for key in runs[0]}
     written = sum(len(result.tokens) for result in results)
-    return {"batch": batch, "repeats": repeats, "steps": timer.steps, "tokens_written": written,
-            **{key: round(value, 3) for key, value in best.items()}}
+    measured = {"batch": batch, "repeats": repeats, "steps": timer.steps, "tokens_written": written,
+                **{key: round(value, 3) for key, value in best.items()}}
+    return {**measured, "aten_ops_per_token_step": round(operations_per_step(model, audio, timer), 1)}
 
 
 def main() -> int:
@@ -108,6 +134,8 @@ def main() -> int:
     parser.add_argument("--label", required=True, help="name of this measurement in the results (before, after)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/token_step_speed.json")
+    parser.add_argument("--commit", help="the commit of the nanodrz that runs, when PYTHONPATH points at "
+                                         "another tree (default: this checkout's HEAD)")
     args = parser.parse_args()
     if os.environ.get("OMP_NUM_THREADS") != "1":
         print("token_step_speed: run with OMP_NUM_THREADS=1", file=sys.stderr)
@@ -117,10 +145,11 @@ def main() -> int:
     for batch in (1, 8):
         rows.append(measure(args.model, batch, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           cwd=ROOT).stdout.strip()
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    results[args.label] = {"model": args.model.name, "commit": commit.stdout.strip(), "torch": torch.__version__,
-                           "threads": 1, "rows": rows}
+    results[args.label] = {"model": args.model.name, "commit": commit, "torch": torch.__version__, "threads": 1,
+                           "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")
