@@ -3,12 +3,14 @@
 Runs on the validation set a training config builds (fixed conversations of validation speakers, as
 `nanodrz train` validates). For each preset it reports, over the answer tokens the model is trained on,
 the mean cross-entropy and argmax accuracy of time tokens, speaker letters and EOS, given the reference
-tokens before them; then the greedy DER that training's validation reports (`train.validate`). A model
-whose letters are poor under teacher forcing cannot tell voices apart; one whose letters are good there
-but whose DER is poor drifts when it reads its own output.
+tokens before them; then the per-chunk DER that training's validation reports (`validation.validate`), and
+the DER of the long-form pipeline on the same conversations whole (`validation.validate_pipeline`, which
+picks training's best checkpoint). A model whose letters are poor under teacher forcing cannot tell voices
+apart; one whose letters are good there but whose DER is poor drifts when it reads its own output; one
+whose per-chunk DER is good but whose pipeline DER is poor loses its speakers across chunks.
 
     .venv/bin/python benchmarks/validation_probe.py configs/small_span.yaml MODEL.safetensors [...] \
-        [--set data.bank=data/bank --set data.validation.eos_penalty=2]
+        [--set data.bank=data/bank --set data.validation.pipeline.decoding.eos_penalty=2]
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from nanodrz.checkpoint import load_model
-from nanodrz.config import load_config
+from nanodrz.config import load_config, to_dict
 from nanodrz.errors import NanodrzError
 from nanodrz.examples import collate, example_item
 from nanodrz.features import bf16_is_fast
 from nanodrz.paths import default_bank_dir
-from nanodrz.train import Config, validate, validation_examples, validation_options
+from nanodrz.training_config import Config
+from nanodrz.validation import pipeline_recordings, validate, validate_pipeline, validation_examples
 
 KINDS = ("time", "letter", "eos")
 
@@ -73,24 +76,28 @@ def main() -> int:
     parser.add_argument("models", nargs="+", help="checkpoints (.safetensors)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value of the training config, e.g. data.validation.eos_penalty=2")
+                        help="override a value of the training config, e.g. "
+                             "data.validation.pipeline.decoding.eos_penalty=2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
         config = load_config(Config, args.config, args.set)
         for path in args.models:
             model = load_model(path).eval()
-            sets = validation_examples(config, Path(config.data.bank) if config.data.bank else default_bank_dir(),
-                                       model.tokenizer)
+            bank = Path(config.data.bank) if config.data.bank else default_bank_dir()
+            sets = validation_examples(config, bank, model.tokenizer)
             validation = config.data.validation
             print(f"{path}")
             for (name, kind), (count, loss, accuracy) in probe(model, sets, validation.batch_size).items():
                 print(f"  {name:8s} {kind:6s} tokens {count:5d}  loss {loss:.3f}  accuracy {accuracy:.3f}")
-            metrics = validate(model, sets, validation.batch_size, validation_options(validation),
+            metrics = validate(model, sets, validation.batch_size, validation.pipeline.decoding,
                                torch.device("cpu"), bf16_autocast)
-            print("  greedy " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in metrics.items()
-                                          if key.startswith("val_der") or key == "val_prompted_ier"))
-    except (NanodrzError, ValueError) as error:
+            print("  per chunk " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in metrics.items()
+                                             if key.startswith("val_der") or key == "val_prompted_ier"))
+            metrics = validate_pipeline(model, pipeline_recordings(config, bank, model.tokenizer), to_dict(config),
+                                        validation.pipeline, validation.batch_size)
+            print("  pipeline " + ", ".join(f"{key} {100 * value:.1f}%" for key, value in metrics.items()))
+    except NanodrzError as error:
         print(f"validation_probe: {error}", file=sys.stderr)
         return 1
     return 0

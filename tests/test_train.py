@@ -1,5 +1,7 @@
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ from safetensors.torch import save_file
 from nanodrz import cli
 from nanodrz.annotation import Turn
 from nanodrz.bank import Bank
-from nanodrz.checkpoint import load_checkpoint, load_model
+from nanodrz import train as train_module
+from nanodrz.checkpoint import load_checkpoint, load_model, state_path, write_state
 from nanodrz.config import load_config
 from nanodrz.errors import NanodrzError
 from nanodrz.examples import (ExampleConfig, assemble_prompted_input, build_example, collate, example_item,
@@ -204,6 +207,60 @@ def test_resumed_run_repeats_the_uninterrupted_one(tiny_bank, tmp_path):
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
 
 
+def test_validation_runs_the_pipeline_which_picks_the_best_checkpoint_and_travels_with_it(tiny_bank, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(tiny_bank, run_dir, "train.steps=4", "train.eval_interval=2", "data.validation.conversations=2",
+                         "data.validation.pipeline.decoding.eos_penalty=2", "data.validation.pipeline.merge.threshold=0.8")
+    result = train(config)
+    validations = [r for r in metrics(run_dir) if "val_loss" in r]
+    assert [r["step"] for r in validations] == [2, 4]
+    for record in validations:
+        assert math.isfinite(record["val_pipeline_der"]) and record["val_pipeline_der"] >= 0
+        assert record["val_pipeline_der"] == record["val_pipeline_der_clean"]  # the mean over the one preset
+        assert "val_der" in record and "val_der_clean" in record  # the per-chunk metrics stay
+    best = min(validations, key=lambda r: r["val_pipeline_der"])  # the first of equals, as training keeps it
+    assert load_checkpoint(run_dir / "best.safetensors").step == best["step"]
+    state = load_checkpoint(run_dir, with_state=True).state
+    assert state["best_der"] == best["val_pipeline_der"] and state["best_metric"] == "val_pipeline_der"
+    assert result["val_pipeline_der"] == validations[-1]["val_pipeline_der"]
+    for name in ("best.safetensors", "last.safetensors"):
+        pipeline = load_checkpoint(run_dir / name).pipeline
+        assert pipeline == config.data.validation.pipeline
+        assert (pipeline.decoding.eos_penalty, pipeline.merge.threshold, pipeline.decoding.max_triples) == (2, 0.8, 12)
+
+
+def scripted_validation(monkeypatch, per_chunk: list[float], pipeline: list[float]) -> None:
+    """Validation that reads out the given DERs in turn (per chunk, pipeline), so which step is best is known."""
+    per_chunk, pipeline = iter(per_chunk), iter(pipeline)
+    monkeypatch.setattr(train_module, "validate", lambda *args: {"val_loss": 1.0, "val_der": next(per_chunk)})
+    monkeypatch.setattr(train_module, "validate_pipeline", lambda *args: {"val_pipeline_der": next(pipeline)})
+
+
+def test_best_checkpoint_follows_the_pipeline_der_across_a_resume(tiny_bank, tmp_path, monkeypatch):
+    common = ("train.steps=6", "train.eval_interval=2", "train.checkpoint_interval=100")
+    per_chunk, pipeline = [0.5, 0.1, 0.5], [0.3, 0.5, 0.4]  # per-chunk DER would pick step 4; the pipeline's, 2
+    whole, split, older = tmp_path / "whole", tmp_path / "split", tmp_path / "older"
+    scripted_validation(monkeypatch, per_chunk, pipeline)
+    train(tiny_config(tiny_bank, whole, *common))
+    scripted_validation(monkeypatch, per_chunk[:1], pipeline[:1])
+    train(tiny_config(tiny_bank, split, *common, "train.stop_at_step=3"))
+    shutil.copytree(split, older)
+    scripted_validation(monkeypatch, per_chunk[1:], pipeline[1:])
+    train(tiny_config(tiny_bank, split, *common), resume=str(split))
+    for run_dir in (whole, split):
+        assert load_checkpoint(run_dir / "best.safetensors").step == 2
+        assert load_checkpoint(run_dir, with_state=True).state["best_der"] == 0.3
+    # A state from before the pipeline picked the best holds a per-chunk DER (here a perfect one, which no
+    # pipeline DER would beat): the resumed run starts afresh and keeps the best pipeline DER from then on.
+    checkpoint = load_checkpoint(older, with_state=True)
+    del checkpoint.state["best_metric"]
+    checkpoint.state["best_der"] = 0.0
+    write_state(state_path(older / "last.safetensors"), checkpoint.step, checkpoint.state)
+    scripted_validation(monkeypatch, per_chunk[1:], pipeline[1:])
+    train(tiny_config(tiny_bank, older, *common), resume=str(older))
+    assert load_checkpoint(older / "best.safetensors").step == 6
+
+
 def test_checkpoint_problems_are_clear_errors(tiny_bank, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_config(tiny_bank, run_dir, "train.steps=2", "train.eval_interval=100"))
@@ -246,6 +303,8 @@ def test_ddp_with_two_gloo_processes(tiny_bank, tmp_path):
     ("data.split=dev", "unknown split"),
     ("data.examples.prompt_probability=2", "prompt_probability"),
     ("optim.min_lr=1", "min_lr"),
+    ("data.validation.eos_penalty=2", "unknown key 'eos_penalty'"),  # now data.validation.pipeline.decoding's
+    ("data.validation.pipeline.merge.bogus=1", "unknown key 'bogus'"),
 ])
 def test_config_errors_exit_2(tiny_bank, tmp_path, capsys, override, message):
     code = cli.main(["train", str(TINY), "--set", f"data.bank={tiny_bank}", "--set",

@@ -8,8 +8,10 @@ steps and at the end, `last.safetensors` + `last.state.safetensors` are written 
 a shared run folder cannot run code); `--resume` continues from them exactly (same batches, same
 optimizer and random states, hence the same losses). A NaN or infinite loss or gradient stops the run
 with the checkpoints as they were; non-finite weights are never written.
-Validation on fixed conversations of held-out speakers reports loss and DER (collar 0, overlap
-scored, greedy decoding) and keeps the best weights as `best.safetensors`.
+Validation on fixed conversations of held-out speakers reports loss and DER per chunk (collar 0, overlap
+scored), and the DER of the shipped long-form pipeline on the same conversations whole
+(`val_pipeline_der`, under `data.validation.pipeline`), which keeps the best weights as `best.safetensors`.
+Every checkpoint stores those pipeline parameters, so it diarizes as it was validated.
 
 Run folder: metrics.jsonl, tensorboard/, loss_curve.png, config.yaml, checkpoints.
 """
@@ -45,7 +47,9 @@ from nanodrz.run_state import (catch_stop_signals, check_resume_compatible, init
 from nanodrz.stream import ConversationStream
 from nanodrz.tokenizer import Tokenizer
 from nanodrz.training_config import Config, OptimConfig
-from nanodrz.validation import validate, validation_examples, validation_options
+from nanodrz.validation import pipeline_recordings, validate, validate_pipeline, validation_examples
+
+BEST_METRIC = "val_pipeline_der"  # the metric that picks best.safetensors; resume states record it
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -167,7 +171,10 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     start_step, best_der, new_names = 0, math.inf, []
     if checkpoint is not None:
         load_weights(model, checkpoint)
-        start_step, best_der = checkpoint.step, checkpoint.state["best_der"]
+        start_step = checkpoint.step
+        # A run from before the pipeline validated kept its best per-chunk DER: not comparable, start afresh.
+        if checkpoint.state.get("best_metric") == BEST_METRIC:
+            best_der = checkpoint.state["best_der"]
         new_names = checkpoint.state.get("new_parameters", [])
     elif config.train.init_from:
         copied = initialise_from(model, load_checkpoint(config.train.init_from))
@@ -209,13 +216,15 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
     def autocast():
         return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    log = validation = None
+    log = validation = whole = None
+    pipeline = config.data.validation.pipeline
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         log = RunLog(run_dir, start_step, config)
-        validation = validation_examples(config, config.data.bank_root(), tokenizer,
-                                         recordings.held_out if recordings is not None else None)
+        held_out = recordings.held_out if recordings is not None else None
+        validation = validation_examples(config, config.data.bank_root(), tokenizer, held_out)
+        whole = pipeline_recordings(config, config.data.bank_root(), tokenizer, held_out)
         print(f"nanodrz train: {model.num_parameters() / 1e6:.2f} M parameters, device {env.device}, "
               f"{env.world_size} process(es), run folder {run_dir}")
         if recordings is not None:
@@ -223,9 +232,9 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
 
     def save(step: int) -> None:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_states(), "best_der": best_der, "audio_hours_seen": total_audio_hours,
-                 "new_parameters": new_names}
-        save_checkpoint(run_dir / "last.safetensors", model, step, to_dict(config), state)
+                 "rng": rng_states(), "best_der": best_der, "best_metric": BEST_METRIC,
+                 "audio_hours_seen": total_audio_hours, "new_parameters": new_names}
+        save_checkpoint(run_dir / "last.safetensors", model, step, to_dict(config), state, pipeline)
 
     step = start_step
     last_record: dict[str, Any] = {}
@@ -281,15 +290,16 @@ def train(config: Config, resume: str | None = None) -> dict[str, Any]:
                 window_start = time.perf_counter()
             if step % config.train.eval_interval == 0 or step == config.train.steps:
                 if env.main:
-                    metrics = validate(model, validation, config.data.validation.batch_size,
-                                       validation_options(config.data.validation), env.device, autocast)
+                    batch_size = config.data.validation.batch_size
+                    metrics = validate(model, validation, batch_size, pipeline.decoding, env.device, autocast)
+                    metrics.update(validate_pipeline(model, whole, to_dict(config), pipeline, batch_size))
                     log.write({"step": step, **metrics})
                     last_record = {**last_record, **metrics}
-                    tqdm.write(f"step {step}: val loss {metrics['val_loss']:.4f}, "
-                               f"val DER {100 * metrics['val_der']:.2f}%")
-                    if metrics["val_der"] < best_der:
-                        best_der = metrics["val_der"]
-                        save_checkpoint(run_dir / "best.safetensors", model, step, to_dict(config))
+                    tqdm.write(f"step {step}: val loss {metrics['val_loss']:.4f}, val DER per chunk "
+                               f"{100 * metrics['val_der']:.2f}%, pipeline {100 * metrics[BEST_METRIC]:.2f}%")
+                    if metrics[BEST_METRIC] < best_der:
+                        best_der = metrics[BEST_METRIC]
+                        save_checkpoint(run_dir / "best.safetensors", model, step, to_dict(config), pipeline=pipeline)
                     log.plot()
                 if env.world_size > 1:
                     dist.barrier()

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanodrz.bank import SPLITS
-from nanodrz.decoding import DecodingOptions
 from nanodrz.errors import ConfigError
 from nanodrz.examples import ExampleConfig
 from nanodrz.model import ModelConfig
+from nanodrz.params import PipelineParams
 from nanodrz.paths import default_bank_dir
 from nanodrz.recordings import RecordingsConfig
 from nanodrz.stream import StreamConfig
@@ -27,23 +27,24 @@ def check_split(name: str, split: str) -> None:
 
 @dataclass
 class ValidationConfig:
-    """Fixed examples from held-out speakers: `conversations` per preset (default: the presets of the
-    last curriculum stage, adapted like the training stream), prompted like training, without noise turns."""
+    """Fixed sets of held-out speakers: `conversations` per preset (default: the presets of the last
+    curriculum stage, adapted like the training stream). Two measures, each on the model as it will be used:
+    chunks cut from those conversations, prompted like training, without noise turns, decoded one by one
+    (loss and DER per chunk); and the same conversations diarized whole by the shipped pipeline under
+    `pipeline` (`nanodrz.params.PipelineParams`, defaults where a key is absent), which picks the best
+    checkpoint and is stored in the checkpoints, since it is what the model was chosen under."""
 
     split: str = "validation"
     presets: list[str] | None = None
     conversations: int = 16
     seed: int = 1
     batch_size: int = 8
-    max_triples: int = 64
-    eos_penalty: float = DecodingOptions.eos_penalty  # the decoding the model will be used with
+    pipeline: PipelineParams = field(default_factory=PipelineParams)
 
     def __post_init__(self):
         check_split("data.validation.split", self.split)
-        if self.conversations < 1 or self.batch_size < 1 or self.max_triples < 1:
-            raise ConfigError("conversations, batch_size and max_triples must be at least 1")
-        if self.eos_penalty < 0:
-            raise ConfigError(f"eos_penalty must not be negative, got {self.eos_penalty:g}")
+        if self.conversations < 1 or self.batch_size < 1:
+            raise ConfigError("data.validation.conversations and batch_size must be at least 1")
 
 
 @dataclass

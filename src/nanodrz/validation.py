@@ -1,36 +1,47 @@
-"""Validation during training: fixed examples of held-out speakers (and recordings), loss and DER.
+"""Validation during training: fixed sets of held-out speakers (and recordings), loss and DER.
 
-The sets are made once per run from the config (`validation_examples`); `validate` scores the model on
-them with the decoding it will be used with.
+The sets are made once per run from the config. `validate` scores chunks cut from them
+(`validation_examples`), one input at a time: loss, and what the model alone writes. `validate_pipeline`
+diarizes the same conversations whole (`pipeline_recordings`) with the shipped long-form pipeline
+(`nanodrz.pipeline.Diarizer`) under the run's pipeline parameters: prompts carried across chunks,
+stitching and post-processing included, so the checkpoint it picks is the best at what users get.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from nanodrz.annotation import Turn, to_annotation
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.bank import Bank
 from nanodrz.decoding import DecodingOptions, decode
+from nanodrz.errors import NanodrzError
+from nanodrz.evaluate import score
 from nanodrz.examples import Example, collate, example_item, fixed_examples
 from nanodrz.model import DiarizationModel, sequence_loss, speaker_count_loss, speaker_count_targets
+from nanodrz.params import DiarizationSettings, PipelineParams
+from nanodrz.pipeline import Diarizer
 from nanodrz.recordings import Recording
 from nanodrz.recordings import validation_examples as recording_validation_examples
-from nanodrz.simulate import check_bank
-from nanodrz.simulation_config import load_preset
+from nanodrz.simulate import check_bank, fixed_conversations
+from nanodrz.simulation_config import SimulationConfig, load_preset
 from nanodrz.tokenizer import Tokenizer
-from nanodrz.training_config import Config, ValidationConfig
+from nanodrz.training_config import Config
 
 
 @torch.no_grad()
 def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size: int, options: DecodingOptions,
              device: torch.device, autocast: Any) -> dict[str, float]:
-    """Loss (teacher forcing) and DER of greedy decoding (collar 0, overlap scored, scored over the
-    chunk only), over all validation examples and per preset.
+    """Loss (teacher forcing) and DER of decoding under `options` (collar 0, overlap scored, scored over
+    the chunk only), over all validation examples and per preset.
 
     DER maps hypothesis to reference speakers optimally, so it cannot see a prompted speaker given the
     wrong letter. `val_prompted_ier` scores the letters as written (identification error rate, same
@@ -94,21 +105,82 @@ def validate(model: DiarizationModel, sets: dict[str, list[Example]], batch_size
             "val_prompted_ier": abs(prompted), **metrics}
 
 
-def validation_options(validation: ValidationConfig) -> DecodingOptions:
-    return DecodingOptions(max_triples=validation.max_triples, eos_penalty=validation.eos_penalty)
+@dataclass(frozen=True)
+class WholeRecording:
+    """A recording the validation pipeline diarizes whole: its samples (or audio file), reference turns,
+    and the stretches that are scored (a simulated conversation's whole length; a recording's UEM)."""
+
+    name: str
+    audio: np.ndarray | Path
+    turns: tuple[Turn, ...]
+    scored: tuple[tuple[float, float], ...]
+
+
+@torch.no_grad()
+def validate_pipeline(model: DiarizationModel, sets: dict[str, list[WholeRecording]], training_config: dict,
+                      params: PipelineParams, batch_size: int) -> dict[str, float]:
+    """DER of the shipped pipeline (collar 0, overlap scored) per set (`val_pipeline_der_<set>`) and the mean
+    over sets (`val_pipeline_der`, what picks the best checkpoint), as fractions like `val_der`.
+
+    The pipeline runs in full precision, as `nanodrz diarize` does; recordings of all sets are batched
+    together, `batch_size` at a time.
+    """
+    diarizer = Diarizer(model, training_config, params)
+    keyed = [(f"{name}/{recording.name}", recording) for name, recordings in sets.items() for recording in recordings]
+    hypotheses: dict[str, list[Turn]] = {}
+    with tqdm(total=len(keyed), desc="validate (pipeline)", unit="recording", leave=False, dynamic_ncols=True) as bar:
+        for key, outputs in diarizer.chunk_outputs_many([(key, r.audio) for key, r in keyed], batch_size=batch_size,
+                                                        params=params):
+            if isinstance(outputs, NanodrzError):
+                raise outputs
+            hypotheses[key] = outputs.finish(params, DiarizationSettings())[0]
+            bar.update(1)
+    metrics = {}
+    for name, recordings in sets.items():
+        keys = [f"{name}/{recording.name}" for recording in recordings]
+        report = score({key: list(r.turns) for key, r in zip(keys, recordings)}, {key: hypotheses[key] for key in keys},
+                       collars=(0.0,), uem={key: list(r.scored) for key, r in zip(keys, recordings)})
+        metrics[f"val_pipeline_der_{name}"] = report.total.at(0.0).der
+    return {"val_pipeline_der": float(np.mean(list(metrics.values()))) if metrics else math.nan, **metrics}
+
+
+def validation_simulations(config: Config, bank: Bank, tokenizer: Tokenizer) -> dict[str, SimulationConfig]:
+    """{preset name: simulation config} of the validation presets (default: the last curriculum stage's),
+    adapted like the training stream and checked against the bank."""
+    validation, stream = config.data.validation, config.data.stream
+    simulations = {}
+    for name in validation.presets or list(stream.curriculum.stages[-1].presets):
+        simulations[name] = stream.adapt(load_preset(name), tokenizer.num_speakers, name)
+        check_bank(bank, simulations[name])
+    return simulations
+
+
+def pipeline_recordings(config: Config, bank_root: Path, tokenizer: Tokenizer,
+                        held_out: list[Recording] | None = None) -> dict[str, list[WholeRecording]]:
+    """{preset name: whole conversations} of the validation set (the ones `validation_examples` cuts its
+    chunks from), and `recordings`: the first `conversations` held-out recordings, read from their files
+    and scored within their annotated stretches."""
+    validation = config.data.validation
+    bank = Bank(bank_root, validation.split)
+    sets = {}
+    for name, simulation in validation_simulations(config, bank, tokenizer).items():
+        conversations = fixed_conversations(bank, simulation, validation.conversations, validation.seed)
+        sets[name] = [WholeRecording(f"{index:03d}", c.audio, tuple(c.turns), ((0.0, c.duration),))
+                      for index, c in enumerate(conversations)]
+    if held_out:
+        sets["recordings"] = [WholeRecording(r.name, r.audio, r.turns, r.regions)
+                              for r in held_out[:validation.conversations]]
+    return sets
 
 
 def validation_examples(config: Config, bank_root: Path, tokenizer: Tokenizer,
                         held_out: list[Recording] | None = None) -> dict[str, list[Example]]:
     """{preset name: examples} of the validation set, and `recordings`: chunks of the held-out recordings."""
-    validation, stream = config.data.validation, config.data.stream
-    names = validation.presets or list(stream.curriculum.stages[-1].presets)
+    validation = config.data.validation
     bank = Bank(bank_root, validation.split)
     examples = dataclasses.replace(config.data.examples, noise_turns=0.0)
     sets = {}
-    for name in names:
-        simulation = stream.adapt(load_preset(name), tokenizer.num_speakers, name)
-        check_bank(bank, simulation)
+    for name, simulation in validation_simulations(config, bank, tokenizer).items():
         sets[name] = fixed_examples(bank, simulation, examples, tokenizer.config.max_seconds,
                                     validation.conversations, validation.seed)
     if held_out:
