@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from nanodrz.errors import ConfigError
+from nanodrz.errors import ConfigError, NanodrzError
 
 T = TypeVar("T")
 
@@ -132,7 +132,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     kwargs = {name: _convert(value, hints[name], f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, NanodrzError) as error:
         raise ConfigError(f"{where}: {error}") from None
 
 
