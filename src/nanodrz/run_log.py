@@ -83,7 +83,10 @@ class RunLog:
         if val:
             steps = [r["step"] for r in val]
             loss_axis.plot(steps, [r["val_loss"] for r in val], "o-", label="validation")
-            error_axis.plot(steps, [100 * r["val_der"] for r in val], "o-", color="C2", label="DER")
+            error_axis.plot(steps, [100 * r["val_der"] for r in val], "o-", color="C2", label="DER (chunks)")
+            pipeline = [(r["step"], 100 * r["val_pipeline_der"]) for r in val if "val_pipeline_der" in r]
+            if pipeline:  # what best.safetensors is chosen on
+                error_axis.plot(*zip(*pipeline), "D-", color="C1", label="DER (long-form pipeline)")
             ier = [(r["step"], 100 * r["val_prompted_ier"]) for r in val if "val_prompted_ier" in r]
             if ier:
                 error_axis.plot(*zip(*ier), "s--", color="C3", label="prompted, letters as written (IER)")
