@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from nanodrz.checkpoint import load_checkpoint
+from nanodrz.params import PipelineParams
 from nanodrz.pipeline import SHIPPED_MODEL
 
 
@@ -66,10 +67,17 @@ def der_of(references: Path, model: Path, out: Path, threads: int) -> float:
 
 def finetune_config(args: argparse.Namespace, model: Path, work: Path) -> dict:
     """The model's own training config, turned into a fine-tuning run on the recordings."""
-    config = load_checkpoint(model).config
+    checkpoint = load_checkpoint(model)
+    config = checkpoint.config
     config["data"].update(bank=args.bank, workers=1, recordings={
         "path": str(work / "recordings"), "ratio": args.ratio, "validation_fraction": 0.1, "seed": 0})
-    config["data"]["validation"]["conversations"] = args.validation_conversations
+    validation = config["data"]["validation"]
+    for key in ("max_triples", "eos_penalty"):  # written by nanodrz before validation took pipeline parameters
+        validation.pop(key, None)
+    # Validate (and store in every checkpoint) the parameters the model is used with, so that "after" is
+    # diarized as "before" was.
+    validation.update(conversations=args.validation_conversations,
+                      pipeline=(checkpoint.pipeline or PipelineParams()).to_dict())
     config["optim"].update(lr=args.lr, min_lr=args.lr / 10, warmup_steps=min(20, args.steps), freeze_loaded=False)
     config["train"].update(steps=args.steps, batch_size=args.batch_size, init_from=str(model),
                            out_dir=str(work / "run"), eval_interval=max(1, args.steps // 4),
