@@ -12,10 +12,11 @@ something else slowed down) of
 * the number of ATen operations per token step (those not called by another one, prefill excluded):
   unlike the times, the same on any machine, busy or not.
 
-Results go under --label in --json, next to the labels already there (e.g. "before" and "after" a change;
-an older tree runs from an export of its sources):
+Results go under --label in --json, next to the labels already there (e.g. "before" and "after" a change,
+run one after the other, twice: a shared machine's load changes by the minute; an older tree runs from an
+export of its sources):
 
-    git archive b10f656 src | tar -x -C /tmp/before
+    mkdir -p /tmp/before && git archive b10f656 src | tar -x -C /tmp/before
     OMP_NUM_THREADS=1 PYTHONPATH=/tmp/before/src .venv/bin/python benchmarks/token_step_speed.py --label before \
         --commit b10f656
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/token_step_speed.py --label after
