@@ -21,8 +21,8 @@ from nanodrz import train as train_module
 from nanodrz.checkpoint import load_checkpoint, load_model, state_path, write_state
 from nanodrz.config import load_config
 from nanodrz.errors import NanodrzError
-from nanodrz.examples import (ExampleConfig, assemble_prompted_input, build_example, collate, example_item,
-                              single_speaker_stretches)
+from nanodrz.examples import (ExampleConfig, build_example, collate, example_item, single_speaker_stretches)
+from nanodrz.prompts import assemble_prompted_input
 from nanodrz.simulate import simulate_conversation
 from nanodrz.simulation_config import load_preset
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig

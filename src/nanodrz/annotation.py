@@ -11,12 +11,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-from pyannote.core import Annotation, Segment
 
 from nanodrz.errors import NanodrzError
 from nanodrz.fileio import atomic_open
+
+if TYPE_CHECKING:
+    from pyannote.core import Annotation
 
 RTTM_TYPE = re.compile(r"[A-Z][A-Z_/-]*")  # SPEAKER, SPKR-INFO, NON-SPEECH, A/P, ...
 
@@ -41,6 +43,8 @@ def sort_turns(turns: Iterable[Turn]) -> list[Turn]:
 
 def to_annotation(turns: Iterable[Turn], uri: str = "audio") -> Annotation:
     """A pyannote Annotation with one track per turn (overlapping same-speaker turns stay separate tracks)."""
+    from pyannote.core import Annotation, Segment  # here: pyannote.core imports matplotlib and scipy.stats
+
     annotation = Annotation(uri=uri)
     for index, turn in enumerate(sort_turns(turns)):
         if turn.end > turn.start:

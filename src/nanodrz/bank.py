@@ -20,7 +20,6 @@ from typing import Iterator
 
 import numpy as np
 import soxr
-from scipy.signal import lfilter
 
 from nanodrz.audio import SAMPLE_RATE, normalize_level
 from nanodrz.errors import NanodrzError
@@ -280,6 +279,8 @@ def _tilt(audio: np.ndarray, tilt_db: float) -> np.ndarray:
     gain = 10 ** (tilt_db / 20) - 1.0
     pole = 0.75  # one-pole highpass, unity gain at Nyquist, corner near 1 kHz at 16 kHz
     b = (1 + pole) / 2
+    from scipy.signal import lfilter  # here: importing scipy.signal costs diarization's start-up 1.7 s
+
     highpassed = lfilter([b, -b], [1, -pole], audio).astype(np.float32)
     out = audio + np.float32(gain) * highpassed
     peak = float(np.max(np.abs(out))) if out.size else 0.0

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nanodrz.audio import SAMPLE_RATE
-from nanodrz.examples import PROMPT_GAP_SECONDS
+from nanodrz.prompts import PROMPT_GAP_SECONDS
 from nanodrz.features import FrozenFeatures
 
 

@@ -12,7 +12,7 @@ from one simulated conversation that is longer than the chunk:
   letters), and prompted speakers who do not speak in the chunk act as distractors;
 * targets are the chunk's turns shifted by the prompt length.
 
-`assemble_prompted_input` is the layout shared with long-form inference. `ExampleItems` turns the
+`nanodrz.prompts` holds the layout shared with long-form inference. `ExampleItems` turns the
 samples of the training stream (`nanodrz.stream`) into examples, drawing on each sample's own
 generator, so a resumed run sees exactly the examples an uninterrupted one would.
 """
@@ -33,9 +33,9 @@ from nanodrz.errors import ConfigError
 from nanodrz.model import pad_audio, pad_values
 from nanodrz.simulate import Conversation, fixed_conversations
 from nanodrz.simulation_config import SimulationConfig
-from nanodrz.tokenizer import Encoded, Tokenizer, letter, letter_index
+from nanodrz.prompts import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
+from nanodrz.tokenizer import Encoded, Tokenizer, letter_index
 
-PROMPT_GAP_SECONDS = 0.2  # silence between prompt clips: part of the model's input format, shared with inference
 EXAMPLE_STREAM = 2  # keeps chunk/prompt draws of fixed sets apart from the simulator's own streams
 
 
@@ -95,52 +95,6 @@ class Example:
 
     def encode(self, tokenizer: Tokenizer, eos_weight: float = 1.0) -> Encoded:
         return tokenizer.encode(self.prompt, self.turns, self.noise, eos_weight)
-
-
-def assemble_prompted_input(clips: Sequence[np.ndarray], chunk: np.ndarray,
-                            gap: float = PROMPT_GAP_SECONDS) -> tuple[np.ndarray, list[Turn]]:
-    """Lay out clip A, `gap` s of silence, clip B, silence, ..., then the chunk (16 kHz).
-
-    Returns the audio and one prompt turn per clip, lettered A, B, ... in clip order.
-    """
-    gap_samples = np.zeros(int(round(gap * SAMPLE_RATE)), dtype=np.float32)
-    pieces, turns, cursor = [], [], 0
-    for index, clip in enumerate(clips):
-        clip = np.asarray(clip, dtype=np.float32)
-        turns.append(Turn(cursor / SAMPLE_RATE, (cursor + len(clip)) / SAMPLE_RATE, letter(index)))
-        pieces += [clip, gap_samples]
-        cursor += len(clip) + len(gap_samples)
-    pieces.append(np.asarray(chunk, dtype=np.float32))
-    return np.concatenate(pieces), turns
-
-
-# --- interval helpers (lists of (start, end) in seconds, sorted) ----------------------------------
-def _merge(intervals: list[tuple[float, float]], gap: float) -> list[tuple[float, float]]:
-    merged: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start - merged[-1][1] <= gap:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s, e) for s, e in merged]
-
-
-def _subtract(intervals: list[tuple[float, float]], cuts: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    result = []
-    for start, end in intervals:
-        pieces = [(start, end)]
-        for cut_start, cut_end in cuts:
-            pieces = [p for s, e in pieces for p in ((s, min(e, cut_start)), (max(s, cut_end), e)) if p[1] > p[0]]
-        result += pieces
-    return result
-
-
-def single_speaker_stretches(turns: Sequence[Turn], speaker: str, excluded: tuple[float, float] | None = None,
-                             merge_gap: float = 0.0) -> list[tuple[float, float]]:
-    """Where `speaker` talks and nobody else does, outside the `excluded` window (if any)."""
-    own = _merge([(t.start, t.end) for t in turns if t.speaker == speaker], merge_gap)
-    others = [(t.start, t.end) for t in turns if t.speaker != speaker]
-    return _subtract(own, others + ([excluded] if excluded else []))
 
 
 def build_example(conversation: Conversation, config: ExampleConfig, max_seconds: float,

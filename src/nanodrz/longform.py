@@ -35,7 +35,7 @@ from nanodrz.decoding import DecodingOptions
 from nanodrz.errors import NanodrzError
 from nanodrz.features import FrozenFeatures
 from nanodrz.encode_once import EncodedChunk, StretchEncoder
-from nanodrz.examples import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
+from nanodrz.prompts import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.model import DiarizationModel
 from nanodrz.params import DiarizationSettings, PipelineParams
 from nanodrz.postprocess import ChunkOutputs

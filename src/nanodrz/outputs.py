@@ -13,15 +13,17 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from pyannote.core import Annotation
 
 from nanodrz.annotation import Turn, format_rttm, to_annotation
 from nanodrz.errors import NanodrzError
 from nanodrz.fileio import atomic_open
 from nanodrz.postprocess.voices import Voices, elementary_pieces, mean_voices, solo_piece_frames, turn_frames
+
+if TYPE_CHECKING:
+    from pyannote.core import Annotation
 
 OUTPUT_FORMATS = ("rttm", "exclusive-rttm", "json", "embeddings")
 

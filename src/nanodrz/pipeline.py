@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from pyannote.core import Annotation
 from tqdm import tqdm
 
 from nanodrz.annotation import Turn
@@ -31,6 +30,9 @@ from nanodrz.outputs import DiarizeOutput, diarize_output
 from nanodrz.params import DiarizationSettings, PipelineParams
 from nanodrz.postprocess import ChunkOutputs
 from nanodrz.segmentation import powerset_counts
+
+if TYPE_CHECKING:
+    from pyannote.core import Annotation
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "default.safetensors"
 
