@@ -88,7 +88,8 @@ def test_the_local_runs_rttms_and_a_rerun_redoes_only_what_a_crash_left(
     written = files(out)
     manifest = written.pop("manifest.jsonl").decode().splitlines()
     assert written == local
-    assert [json.loads(line)["name"] for line in manifest[-3:]] == ["b", "day2/broken", "day2/d"]
+    # Groups finish in any order on a cluster, so the manifest lines do too.
+    assert sorted(json.loads(line)["name"] for line in manifest[-3:]) == ["b", "day2/broken", "day2/d"]
 
 
 def test_a_model_that_cannot_load_ends_the_run_with_one_line(tmp_path, local_ray, capsys):
