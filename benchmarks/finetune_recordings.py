@@ -74,6 +74,7 @@ def finetune_config(args: argparse.Namespace, model: Path, work: Path) -> dict:
     validation = config["data"]["validation"]
     for key in ("max_triples", "eos_penalty"):  # written by nanodrz before validation took pipeline parameters
         validation.pop(key, None)
+    config["train"].pop("activity_weight", None)  # the retired activity head's loss weight
     # Validate (and store in every checkpoint) the parameters the model is used with, so that "after" is
     # diarized as "before" was.
     validation.update(conversations=args.validation_conversations,
