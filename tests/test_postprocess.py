@@ -268,3 +268,23 @@ def test_a_label_with_little_speech_joins_the_closest_voice():
     small = [Turn(0.0, 5.0, "A"), Turn(10.0, 11.0, "C"), Turn(10.0, 10.5, "D")]
     assert {t.speaker for t in absorb_small_labels(small, V(track), AbsorbParams(1.5))} == {"A"}
     assert absorb_small_labels([], V(track), AbsorbParams()) == []
+
+
+def test_pipeline_options_on_the_command_line(tmp_path, capsys):
+    from nanodrz.cli import main
+    from nanodrz.commandline import parameter_value, read_params_file
+
+    assert [parameter_value(v) for v in ("off", "0.5", "3", "true")] == [None, 0.5, 3, True]
+    path = tmp_path / "params.yaml"
+    path.write_text("merge: {threshold: 0.8}\nresegment: {speech_threshold: null}\n")
+    assert read_params_file(path) == {"merge.threshold": 0.8, "resegment.speech_threshold": None}
+    assert PipelineParams().with_values(read_params_file(path)).merge.threshold == 0.8
+    audio = tmp_path / "a.wav"
+    import soundfile as sf
+
+    sf.write(audio, np.zeros(16000, dtype=np.float32), 16000)
+    # Refused before any model loads, in one line.
+    for bad in (["--param", "merge.treshold=0.8"], ["--merge-threshold", "2"], ["--params", str(tmp_path / "none.yaml")]):
+        assert main(["diarize", str(audio), *bad]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("nanodrz diarize: error:"), lines
