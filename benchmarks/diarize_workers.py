@@ -39,7 +39,7 @@ def write_conversations(folder: Path, count: int, seconds: tuple[float, float]) 
     """`count` simulated conversations as folder/NNN.wav; their total length and where the voices come from."""
     folder.mkdir(parents=True)
     total = 0.0
-    with test_voices() as (bank, origin):
+    with test_voices(None) as (bank, origin):
         speakers = min(4, bank.num_speakers)
         config = load_preset("overlap", [f"duration=[{seconds[0]},{seconds[1]}]", f"num_speakers=[2,{speakers}]"])
         for index in range(count):
