@@ -10,7 +10,7 @@ speakers changed, and the largest change of one file's DER. The issue's target: 
 points per set. Decoded sets are kept in `--cache` (shared with `nanodrz tune`).
 
     .venv/bin/python benchmarks/stability.py data/validation_sets --cache data/tune_cache \\
-        --markdown benchmarks/results/stability_validation.md [--model M]
+        --markdown benchmarks/results/stability_validation.md [--model M] [--robust-trials 120]
 """
 
 from __future__ import annotations
@@ -24,32 +24,52 @@ import torch
 
 from nanodrz.evaluate import score
 from nanodrz.fileio import atomic_open
-from nanodrz.params import DiarizationSettings
+from nanodrz.params import DiarizationSettings, PipelineParams
 from nanodrz.pipeline import Diarizer
-from nanodrz.tune import decode_sets, read_sets
+from nanodrz.tune import decode_sets, read_sets, tune
 
 CONDITIONS = ("bf16", "fp32", "once")
 
 
-def per_file(found: dict, diarizer: Diarizer) -> dict[str, dict[str, tuple[float, int, int]]]:
+def per_file(found: dict, params: PipelineParams) -> dict[str, dict[str, tuple[float, int, int]]]:
     """set -> file -> (DER %, speakers found, speakers in the reference)."""
-    settings = DiarizationSettings()
     result: dict[str, dict[str, tuple[float, int, int]]] = {}
     for set_name, recordings in found.items():
         for recording in recordings:
-            turns = recording.outputs.finish(diarizer.params, settings)[0]
-            der = 100 * score({"x": recording.reference}, {"x": turns}, collars=(0.0,)).total.at(0.0).der \
-                if recording.reference else float("nan")
+            turns = recording.outputs.finish(params, DiarizationSettings())[0]
+            der = 100 * score({"x": recording.reference}, {"x": turns}, collars=(0.0,)).total.at(0.0).der
             result.setdefault(set_name, {})[recording.name] = (der, len({t.speaker for t in turns}),
                                                                len({t.speaker for t in recording.reference}))
     return result
 
 
-def set_der(found: dict, diarizer: Diarizer, set_name: str) -> float:
-    recordings = found[set_name]
+def set_der(recordings: list, params: PipelineParams) -> float:
     references = {r.name: r.reference for r in recordings}
-    hypotheses = {r.name: r.outputs.finish(diarizer.params, DiarizationSettings())[0] for r in recordings}
+    hypotheses = {r.name: r.outputs.finish(params, DiarizationSettings())[0] for r in recordings}
     return 100 * score(references, hypotheses, collars=(0.0,)).total.at(0.0).der
+
+
+def table(found: dict[str, dict], params: PipelineParams, title: str) -> list[str]:
+    """The stability table of `params` over the decoded sets of every condition."""
+    names = sorted(found["bf16"])
+    measured = {c: {name: set_der(found[c][name], params) for name in names} for c in CONDITIONS}
+    files = {c: per_file(found[c], params) for c in CONDITIONS}
+    lines = [f"## {title}", "",
+             "| set | bf16 | fp32 | Δ | count changed | largest swing | once | Δ | count changed | largest swing |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        cells = [f"{measured['bf16'][name]:.1f}"]
+        for condition in ("fp32", "once"):
+            base, other = files["bf16"][name], files[condition][name]
+            changed = sum(base[f][1] != other[f][1] for f in base)
+            swing = max(abs(other[f][0] - base[f][0]) for f in base)
+            cells += [f"{measured[condition][name]:.1f}", f"{measured[condition][name] - measured['bf16'][name]:+.1f}",
+                      f"{changed}/{len(base)}", f"{swing:.1f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    means = {c: float(np.mean(list(measured[c].values()))) for c in CONDITIONS}
+    worst = {c: max(abs(measured[c][n] - measured["bf16"][n]) for n in names) for c in ("fp32", "once")}
+    return lines + ["", "Mean DER: " + ", ".join(f"{c} {means[c]:.2f}" for c in CONDITIONS) + "; largest change of a "
+                    "set's DER from bf16: " + ", ".join(f"{c} {worst[c]:.1f}" for c in worst) + ".", ""]
 
 
 def main() -> int:
@@ -59,38 +79,34 @@ def main() -> int:
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--robust-trials", type=int, default=0,
+                        help="also tune the post-processing (Optuna, this many trials) on the mean DER of the bf16 "
+                             "and fp32 decodes together, and show its table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sets = read_sets(args.sets)
-    measured, files = {}, {}
+    found: dict[str, dict] = {}
     for condition in CONDITIONS:
         diarizer = Diarizer.from_pretrained(args.model)
         diarizer.model.front_end.bf16 = condition != "fp32"
         diarizer.params = diarizer.params.with_values({"long_form.encode_once": condition == "once"})
         print(f"condition {condition}", file=sys.stderr)
-        found = decode_sets(diarizer, sets, args.batch_size, args.cache)
-        speech = [name for name, recordings in found.items() if any(r.reference for r in recordings)]
-        measured[condition] = {name: set_der(found, diarizer, name) for name in speech}
-        files[condition] = per_file({name: found[name] for name in speech}, diarizer)
-    names = sorted(measured["bf16"])
+        decoded = decode_sets(diarizer, sets, args.batch_size, args.cache)
+        found[condition] = {name: recordings for name, recordings in decoded.items()
+                            if any(r.reference for r in recordings)}
+    params = Diarizer.from_pretrained(args.model).params
     lines = ["# Stability of decisions: `benchmarks/stability.py`", "",
-             f"Sets under `{args.sets}`, model `{args.model or 'shipped'}`, its own pipeline parameters. DER % at "
-             "collar 0, overlap scored. `count changed`: files whose number of speakers differs from `bf16`; "
-             "`largest swing`: the largest change of one file's DER from `bf16`.", "",
-             "| set | bf16 | fp32 | Δ | count changed | largest swing | once | Δ | count changed | largest swing |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in names:
-        cells = [f"{measured['bf16'][name]:.1f}"]
-        for condition in ("fp32", "once"):
-            base, other = files["bf16"][name], files[condition][name]
-            changed = sum(base[f][1] != other[f][1] for f in base)
-            swing = max(abs(np.nan_to_num(other[f][0] - base[f][0])) for f in base)
-            cells += [f"{measured[condition][name]:.1f}", f"{measured[condition][name] - measured['bf16'][name]:+.1f}",
-                      f"{changed}/{len(base)}", f"{swing:.1f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    means = {c: float(np.mean([measured[c][n] for n in names])) for c in CONDITIONS}
-    lines += ["", "Mean DER: " + ", ".join(f"{c} {means[c]:.2f}" for c in CONDITIONS) + "."]
-    text = "\n".join(lines) + "\n"
+             f"Sets under `{args.sets}`, model `{args.model or 'shipped'}`. DER % at collar 0, overlap scored. "
+             "`count changed`: files whose number of speakers differs from `bf16`; `largest swing`: the largest "
+             "change of one file's DER from `bf16`.", ""]
+    lines += table(found, params, "The model's own pipeline parameters")
+    if args.robust_trials:
+        merged = {f"{c}/{name}": recordings for c in ("bf16", "fp32") for name, recordings in found[c].items()}
+        robust, _ = tune(merged, params, set(), args.robust_trials, 0, 1.0, {"resegment.nonspeech_threshold"},
+                         constrained=False)
+        lines += table(found, robust, f"Parameters tuned on the bf16 and fp32 decodes together "
+                                      f"({args.robust_trials} trials, from the model's own)")
+    text = "\n".join(lines)
     print(text)
     if args.markdown:
         with atomic_open(args.markdown) as handle:
