@@ -86,15 +86,16 @@ def main() -> int:
     torch.set_num_threads(1)
     sets = read_sets(args.sets)
     found: dict[str, dict] = {}
+    params = None
     for condition in CONDITIONS:
         diarizer = Diarizer.from_pretrained(args.model)
+        params = params or diarizer.params  # the model's own, before this condition changes them
         diarizer.model.front_end.bf16 = condition != "fp32"
         diarizer.params = diarizer.params.with_values({"long_form.encode_once": condition == "once"})
         print(f"condition {condition}", file=sys.stderr)
         decoded = decode_sets(diarizer, sets, args.batch_size, args.cache)
         found[condition] = {name: recordings for name, recordings in decoded.items()
                             if any(r.reference for r in recordings)}
-    params = Diarizer.from_pretrained(args.model).params
     lines = ["# Stability of decisions: `benchmarks/stability.py`", "",
              f"Sets under `{args.sets}`, model `{args.model or 'shipped'}`. DER % at collar 0, overlap scored. "
              "`count changed`: files whose number of speakers differs from `bf16`; `largest swing`: the largest "

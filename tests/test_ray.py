@@ -18,7 +18,6 @@ import soundfile as sf
 
 from nanodrz.annotation import Turn
 from nanodrz.cli import main
-from nanodrz.errors import NanodrzError
 from nanodrz.outputs import DiarizeOutput, write_outputs
 from nanodrz.parallel import WorkerJob
 from nanodrz.params import DiarizationSettings

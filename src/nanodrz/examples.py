@@ -20,7 +20,7 @@ generator, so a resumed run sees exactly the examples an uninterrupted one would
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -211,7 +211,8 @@ class LongFormParams:
 
 @dataclass(frozen=True)
 class PipelineParams:
-    """The whole pipeline's hyper-parameters; the defaults are the shipped model v1's."""
+    """The whole pipeline's hyper-parameters. The defaults are model v1's before `nanodrz tune`; each shipped
+    model stores the values chosen for it."""
 
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     long_form: LongFormParams = field(default_factory=LongFormParams)

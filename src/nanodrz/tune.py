@@ -122,8 +122,8 @@ def decode_sets(diarizer: Diarizer, sets: list[Path], batch_size: int, cache: Pa
 def expensive_stage_key(diarizer: Diarizer) -> str:
     """What the expensive stage's outputs depend on: the model's weights file and the decoding and
     long-form parameters (post-processing parameters replay on top)."""
-    key = {"decoding": diarizer.params.to_dict()["decoding"], "long_form": diarizer.params.to_dict()["long_form"],
-           "model": weights_digest(diarizer.model)}
+    values = diarizer.params.to_dict()
+    key = {"decoding": values["decoding"], "long_form": values["long_form"], "model": weights_digest(diarizer.model)}
     if not getattr(getattr(diarizer.model, "front_end", None), "bf16", True):
         key["float32_encoders"] = True  # named only when set, so caches of the default stay valid
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
