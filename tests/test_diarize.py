@@ -89,6 +89,13 @@ def tone_voices(audio: np.ndarray) -> np.ndarray:
     return embeddings
 
 
+def tone_counts(audio: np.ndarray) -> np.ndarray:
+    """segmentation-3.0's counts (none, one, two) per 20 ms frame, as a tone hearer gives them: one voice
+    wherever a tone sounds."""
+    heard = np.array([voice is not None for voice in frame_voices(audio)], dtype=np.float32)
+    return np.stack([1.0 - heard, heard, np.zeros_like(heard)], axis=1)
+
+
 class ToneModel:
     def __init__(self, max_seconds=12.0):
         self.tokenizer = Tokenizer(TokenizerConfig(time_resolution=0.02, max_seconds=max_seconds, num_speakers=8))
@@ -111,7 +118,8 @@ def changed(changes: dict) -> PipelineParams:
 def tone_diarizer(chunk=6.0, max_seconds=12.0, clips=(1.0, 2.0), max_prompt_speakers=4) -> Diarizer:
     config = {"data": {"examples": {"chunk_seconds": [3.0, chunk], "prompt_clip_seconds": list(clips),
                                     "max_prompt_speakers": max_prompt_speakers}}}
-    return Diarizer(ToneModel(max_seconds), config, decode_fn=tone_decode, voice_function=tone_voices)
+    return Diarizer(ToneModel(max_seconds), config, decode_fn=tone_decode, voice_function=tone_voices,
+                    count_function=tone_counts)
 
 
 def labels_by_voice(turns: list[Turn], reference: list[tuple[float, float, int]]) -> dict[int, set[str]]:

@@ -337,7 +337,7 @@ class RecordingState:
         """The current chunk's segmentation-3.0 speaker counts, on the chunk alone (no prompt clips);
         call before `absorb`, which moves the offset past the chunk."""
         self.segmentation = self.segmentation or CountTrack(frame_rate)
-        if self.encoded is not None:
+        if self.encoded is not None and self.encoded.features.segmentation is not None:
             counts = powerset_counts(self.encoded.features.segmentation.cpu().numpy())
         else:
             counts = count_function(self.current)

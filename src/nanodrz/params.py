@@ -165,8 +165,8 @@ class ResegmentParams:
         probability that adds the nearest speaker where nothing is written (None: off).
     overlap_threshold: its probability of two or more speakers that adds the nearest other speaker where
         one is written (None: off).
-    nonspeech_threshold: segmentation-3.0's no-speech probability that cuts written turns, for models
-        with the `campplus_segmentation` front end (None: off).
+    nonspeech_threshold: segmentation-3.0's no-speech probability that cuts written turns; the network runs
+        in the model's front end (`campplus_segmentation`) or, for other models, alone (None: off).
     min_gap_seconds, min_speech_seconds, min_overlap_seconds: the shortest stretch each step acts on.
     silence_dbfs: a recording whose loudest sample is below this is digital silence: nobody speaks.
     """

@@ -29,7 +29,7 @@ from nanodrz.model import DiarizationModel
 from nanodrz.outputs import DiarizeOutput, diarize_output
 from nanodrz.params import DiarizationSettings, PipelineParams
 from nanodrz.postprocess import ChunkOutputs
-from nanodrz.segmentation import powerset_counts
+from nanodrz.segmentation import SegmentationFrontEnd, powerset_counts
 
 if TYPE_CHECKING:
     from pyannote.core import Annotation
@@ -46,14 +46,15 @@ class Diarizer:
     """
 
     def __init__(self, model: DiarizationModel, training_config: dict | None = None,
-                 params: PipelineParams | None = None, decode_fn=decode, voice_function: VoiceFunction | None = None):
+                 params: PipelineParams | None = None, decode_fn=decode, voice_function: VoiceFunction | None = None,
+                 count_function: CountFunction | None = None):
         self.model = model.eval()
         self.geometry = PromptGeometry.of(model, training_config or {})
         self.params = params or PipelineParams()
         self.decode_fn = decode_fn
         self.voice_function = voice_function or model_voice_function(model)
         self.voice_window_seconds = getattr(getattr(model, "front_end", None), "window_seconds", 0.0)
-        self.count_function = model_count_function(model)
+        self.count_function = count_function or model_count_function(model)
 
     def stretch_encoder(self, params: PipelineParams) -> StretchEncoder | None:
         """The encoder of `long_form.encode_once`, for front ends with frozen CAM++ window embeddings."""
@@ -204,7 +205,7 @@ class Diarizer:
                 results = self.decode_fn(self.model, [inputs[i].audio for i in indices],
                                          [inputs[i].prompt for i in indices], options, **extra)
                 for i, result in zip(indices, results):
-                    if self.count_function is not None:
+                    if ready[i].params.resegment.nonspeech_threshold is not None:
                         ready[i].add_segmentation(self.count_function, self.model.config.frame_rate)
                     ready[i].absorb(result.turns, result.scores, result.speaker_counts, self.model.config.frame_rate)
                     if self.voice_function is not None:
@@ -236,19 +237,21 @@ def model_voice_function(model: DiarizationModel) -> VoiceFunction | None:
     return voices
 
 
-def model_count_function(model: DiarizationModel) -> CountFunction | None:
-    """segmentation-3.0's speaker counts as a function of audio, if the model's front end runs it
-    (`campplus_segmentation`); without them, speech is not cut where that network hears none."""
-    front_end = getattr(model, "front_end", None)
-    if not hasattr(front_end, "segment"):
-        return None
+def model_count_function(model: DiarizationModel) -> CountFunction:
+    """segmentation-3.0's speaker counts as a function of audio, on the model's frames: the front end's
+    own pass where it runs that network (`campplus_segmentation`), otherwise a standalone pass of the same
+    frozen network, so that every model's speech is cut where it hears none (`resegment.nonspeech_threshold`)."""
+    front_end = model.front_end
     device = next(model.parameters()).device
+    segmenter: list[SegmentationFrontEnd] = []  # built on first use: a model whose gate is off never loads it
 
     def counts(audio: np.ndarray) -> np.ndarray:
-        samples = torch.from_numpy(np.ascontiguousarray(audio)).to(device)
         frames = int(front_end.num_frames(torch.tensor([len(audio)]))[0])
-        return powerset_counts(front_end.segment(samples, frames).cpu().numpy())
+        if hasattr(front_end, "segment"):
+            samples = torch.from_numpy(np.ascontiguousarray(audio)).to(device)
+            return powerset_counts(front_end.segment(samples, frames).cpu().numpy())
+        if not segmenter:
+            segmenter.append(SegmentationFrontEnd(device=str(device)))
+        return powerset_counts(segmenter[0](audio).resampled(front_end.frame_rate, frames).powerset)
 
     return counts
-
-

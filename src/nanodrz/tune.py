@@ -120,12 +120,14 @@ def decode_sets(diarizer: Diarizer, sets: list[Path], batch_size: int, cache: Pa
 
 
 def expensive_stage_key(diarizer: Diarizer) -> str:
-    """What the expensive stage's outputs depend on: the model's weights file and the decoding and
-    long-form parameters (post-processing parameters replay on top)."""
+    """What the expensive stage's outputs depend on: the model's weights file, the decoding and
+    long-form parameters and whether the gate's counts were computed (post-processing replays on top)."""
     values = diarizer.params.to_dict()
     key = {"decoding": values["decoding"], "long_form": values["long_form"], "model": weights_digest(diarizer.model)}
     if not getattr(getattr(diarizer.model, "front_end", None), "bf16", True):
         key["float32_encoders"] = True  # named only when set, so caches of the default stay valid
+    if diarizer.params.resegment.nonspeech_threshold is None:
+        key["without_segmentation"] = True  # the gate's segmentation-3.0 counts were not computed
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -337,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = frozen - set(search_space(diarizer.params))
     if unknown:
         raise NanodrzError(f"--freeze {sorted(unknown)[0]}: not a searched parameter")
-    if diarizer.count_function is None:  # the gate needs segmentation-3.0 in the front end
+    if diarizer.params.resegment.nonspeech_threshold is None:  # segmentation-3.0 runs only with the gate on
         frozen.add("resegment.nonspeech_threshold")
     quiet = {name.strip() for name in args.quiet_sets.split(",") if name.strip()}
     found = decode_sets(diarizer, sets, args.batch_size, args.cache)
