@@ -103,8 +103,7 @@ def main() -> int:
     lines += table(found, params, "The model's own pipeline parameters")
     if args.robust_trials:
         merged = {f"{c}/{name}": recordings for c in ("bf16", "fp32") for name, recordings in found[c].items()}
-        robust, _ = tune(merged, params, set(), args.robust_trials, 0, 1.0, {"resegment.nonspeech_threshold"},
-                         constrained=False)
+        robust, _ = tune(merged, params, set(), args.robust_trials, 0, 1.0, {"resegment.nonspeech_threshold"})
         lines += table(found, robust, f"Parameters tuned on the bf16 and fp32 decodes together "
                                       f"({args.robust_trials} trials, from the model's own)")
     text = "\n".join(lines)

@@ -25,7 +25,7 @@ from nanodrz.checkpoint import load_model
 from nanodrz.decoding import DecodingOptions, decode
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"default": ROOT / "src/nanodrz/models/default.safetensors",
+MODELS = {"v1": ROOT / "src/nanodrz/models/v1.safetensors",
           "v2": ROOT / "src/nanodrz/models/v2_segmentation.safetensors"}
 STRATEGIES = {"greedy": DecodingOptions(), "greedy_v2_penalty": DecodingOptions(eos_penalty=2.0),
               "beam": DecodingOptions(strategy="beam", beam_size=3),

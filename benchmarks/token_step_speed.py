@@ -131,7 +131,7 @@ def measure(model_path: Path, batch: int, repeats: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "src/nanodrz/models/default.safetensors")
+    parser.add_argument("--model", type=Path, default=ROOT / "src/nanodrz/models/v1.safetensors")
     parser.add_argument("--label", required=True, help="name of this measurement in the results (before, after)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/token_step_speed.json")

@@ -50,8 +50,7 @@ def test_the_first_trial_is_the_current_parameters_so_tuning_never_loses(tmp_pat
     base = PipelineParams().with_values({"merge.threshold": 0.95, "refine.passes": 1})
     values = trial_values(base, search_space(base))
     assert values["merge.threshold"] == 0.95 and values["resegment.speech_threshold:on"] is True
-    chosen, measured = tune(found, base, {"noise"}, trials=4, seed=0, max_false_alarm=1e6, frozen={"refine.passes"},
-                            constrained=True)
+    chosen, measured = tune(found, base, {"noise"}, trials=4, seed=0, max_false_alarm=1e6, frozen={"refine.passes"})
     assert len(measured) == 4 and measured[0][0] == base
     assert chosen.refine.passes == 1  # frozen
     assert evaluate(found, chosen, {"noise"}).mean_der <= evaluate(found, base, {"noise"}).mean_der

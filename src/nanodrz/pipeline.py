@@ -34,7 +34,7 @@ from nanodrz.segmentation import SegmentationFrontEnd, powerset_counts
 if TYPE_CHECKING:
     from pyannote.core import Annotation
 
-SHIPPED_MODEL = Path(__file__).parent / "models" / "default.safetensors"
+SHIPPED_MODEL = Path(__file__).parent / "models" / "v2_segmentation.safetensors"
 
 
 class Diarizer:
