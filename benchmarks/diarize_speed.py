@@ -23,7 +23,8 @@ split of a prepared bank (`--bank`; default data/bank, then ~/.cache/nanodrz/ban
   timers around the calls the pipeline makes: `decoding.decode` (passed as the Diarizer's `decode_fn`, with
   a model whose `prefill` and `step` are timed), forward hooks on the frozen encoders (CAM++ trunk and dense
   layer, segmentation-3.0 network), the mel stem, the transformer blocks and the overlap head, the
-  Diarizer's `voice_function` / `count_function`, and post-processing (`ChunkOutputs.finish`), in wall and
+  Diarizer's `input_encoder` (the frozen encoders over each model input, before the model) /
+  `voice_function` / `count_function`, and post-processing (`ChunkOutputs.finish`), in wall and
   CPU seconds. Time is attributed to the innermost timed call. Also FLOPs
   (torch.utils.flop_counter) of each frozen encoder per audio second and of the transformer per chunk and
   per token step, against the GFLOP/s of a 2048x2048 fp32 and bf16 matmul on these cores.
@@ -338,10 +339,10 @@ def profile_nanodrz(model_path: Path, audio: Path) -> dict:
     clock = StageClock()
     input_seconds: dict[str, float] = defaultdict(float)  # audio seconds each stage was given
 
-    def timed_decode(model, inputs, prompts, options):
+    def timed_decode(model, inputs, prompts, options, frozen=None):
         input_seconds["decode"] += sum(len(samples) for samples in inputs) / SAMPLE_RATE
         with clock.stage("decode"):
-            return decode(TimedModel(model, clock), inputs, prompts, options)
+            return decode(TimedModel(model, clock), inputs, prompts, options, frozen)
 
     def timed_function(name: str, function: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
         def timed(samples: np.ndarray) -> np.ndarray:
@@ -354,6 +355,15 @@ def profile_nanodrz(model_path: Path, audio: Path) -> dict:
     model = build_model(checkpoint)
     diarizer = Diarizer(model, checkpoint.config, checkpoint.pipeline, decode_fn=timed_decode)
     diarizer(warm_up_clip(audio))  # loads what loads lazily (the segmenter) before the hooks go on
+    if diarizer.input_encoder is not None:
+        encode = diarizer.input_encoder.encode
+
+        def timed_encode(samples: np.ndarray, chunk_samples: int):
+            input_seconds["input_encoder"] += len(samples) / SAMPLE_RATE
+            with clock.stage("input_encoder"):
+                return encode(samples, chunk_samples)
+
+        diarizer.input_encoder.encode = timed_encode
     if diarizer.voice_function is not None:
         diarizer.voice_function = timed_function("voice_function", diarizer.voice_function)
     if diarizer.count_function is not None:
@@ -384,12 +394,16 @@ def profile_nanodrz(model_path: Path, audio: Path) -> dict:
                          "share": stage_wall / wall, "calls": calls, "note": note})
 
     front, prefix, tokens = "front ends", "transformer prefix", "autoregressive token steps"
+    add(front, "CAM++ trunk, over each model input (input_encoder)", [("campplus_trunk", "input_encoder")],
+        clock.count("input_encoder"), "prompt clips + chunk, once: model, voice track and gate")
     add(front, "CAM++ trunk, in the model's front end (prefill)", [("campplus_trunk", "prefill")],
         clock.count("prefill"), "prompt clips + chunk")
     add(front, "CAM++ trunk, for the voice track (voice_function)", [("campplus_trunk", "voice_function")],
         clock.count("voice_function"), "the chunks again, in blocks")
     add(front, "window embeddings (CAM++ dense layer, and pooling in voice_function)",
         [("window_dense", None), ("voice_function", None)], clock.count("prefill") + clock.count("voice_function"))
+    add(front, "rest of input_encoder: fbank, pooling the chunk's windows", [("input_encoder", None)],
+        clock.count("input_encoder"))
     add(front, "mel stem (log-mel, convolutions)", [("mel_stem", None)], clock.count("mel_stem"))
     add(front, "segmentation-3.0 network", [("segmentation_network", None)], clock.count("segmentation_network"))
     add(front, "segmentation stitching (count_function less its network)", [("count_function", None)],
@@ -782,7 +796,8 @@ def cpu_name() -> str:
 
 def input_sentence(profile: dict) -> str:
     """How many seconds of audio each stage reads per second of the recording."""
-    names = {"decode": "the model's inputs (prompt clips + chunk, through the whole front end)",
+    names = {"decode": "the model's inputs (prompt clips + chunk, through the front end)",
+             "input_encoder": "the model's inputs through the frozen encoders, before the model",
              "voice_function": "the voice track (CAM++ again)", "count_function": "the segmentation counts"}
     parts = [f"{names.get(name, name)} {value:.2f} s"
              for name, value in profile["input_seconds_per_audio_second"].items()]
@@ -932,12 +947,13 @@ def bounds(profile: dict) -> list[str]:
     lines = []
     trunk = flops.get("CAM++ trunk")
     if trunk is not None:
-        audio = read.get("decode", 0.0) + read.get("voice_function", 0.0)
+        inputs = read.get("input_encoder", read.get("decode", 0.0))  # the trunk's pass over the model inputs
+        audio = inputs + read.get("voice_function", 0.0)
         per_second = trunk["gflops_per_audio_second"] * audio
         lines.append(
             f"* CAM++ trunk: {trunk['gflops_per_audio_second']:.2f} GFLOP per second of audio it reads, and it reads "
             f"{audio:.2f} s per second of recording (model inputs with their prompt clips "
-            f"{read.get('decode', 0.0):.2f} s, the voice track {read.get('voice_function', 0.0):.2f} s): "
+            f"{inputs:.2f} s, the voice track {read.get('voice_function', 0.0):.2f} s): "
             f"{per_second:.2f} GFLOP per second of recording. At the {trunk['achieved_gflops_per_second']:.0f} GFLOP/s "
             f"it achieves on one thread, {1000 * per_second / trunk['achieved_gflops_per_second']:.0f} ms per second "
             f"of recording, a ceiling of {trunk['achieved_gflops_per_second'] / per_second:.0f}x real time from the "

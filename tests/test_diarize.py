@@ -425,6 +425,28 @@ def test_encode_once_runs_each_frozen_encoder_once_per_chunk_and_still_diarizes(
     assert isinstance(encoder, StretchEncoder) and tone_diarizer().stretch_encoder(PipelineParams()) is None
 
 
+def test_each_chunk_runs_the_frozen_encoders_once_for_the_model_the_voice_track_and_the_gate(monkeypatch):
+    from pathlib import Path
+
+    from nanodrz.audio import load_audio
+
+    diarizer = Diarizer.from_pretrained()
+    front_end = diarizer.model.front_end
+    calls = {"encode": 0, "segment": 0}
+    for name in calls:
+        method = getattr(front_end, name)
+
+        def counted(*args, name=name, method=method):
+            calls[name] += 1
+            return method(*args)
+
+        monkeypatch.setattr(front_end, name, counted)
+    audio = load_audio(Path(__file__).resolve().parents[1] / "examples" / "conversation.wav")
+    diarizer(audio)
+    chunks = -(-len(audio) // int(diarizer.geometry.chunk_seconds * SR))
+    assert calls == {"encode": chunks, "segment": chunks}
+
+
 def test_segmentation_gate_cuts_written_speech_where_segmentation_hears_none():
     from nanodrz.postprocess import ChunkOutputs
     from nanodrz.postprocess.resegment import FrameCounts

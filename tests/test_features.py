@@ -230,28 +230,39 @@ def test_grow_model_script_writes_step_zero_of_a_config_and_rejects_one_without_
     assert "no train.init_from" in refused.stderr and not (tmp_path / "x.safetensors").exists()
 
 
-def test_the_voice_track_is_what_the_model_itself_sees():
-    from nanodrz.pipeline import model_voice_function
-
-    model = make_span_model()
-    audio = torch.cat([voiced(1.5, 110.0, 0), voiced(1.5, 230.0, 1)])
-    with torch.no_grad():
-        _, _, voices = model.embed_audio(audio[None], torch.tensor([len(audio)]))
-    track = model_voice_function(model)(audio.numpy())
-    # Position t at t / 25 s; the model pads its last position or two with zeros.
-    assert track.shape[1] == 192 and 0 <= len(voices[0]) - len(track) <= 2
-    np.testing.assert_allclose(track, voices[0, :len(track)].numpy(), atol=1e-5)
-
-
-def test_segmentation_counts_follow_the_model_frames_with_or_without_the_network_in_the_front_end():
-    from nanodrz.pipeline import model_count_function
+def test_the_input_encoder_gives_the_model_its_own_features_and_the_chunk_its_part():
+    from nanodrz.encode_once import InputEncoder
 
     model = make_model("campplus_segmentation")
-    counts = model_count_function(model)
-    audio = torch.cat([torch.zeros(2 * SR), voiced(2.0, 140.0, 5)]).numpy()
-    probabilities = counts(audio)
-    assert probabilities.shape == (int(model.front_end.num_frames(torch.tensor([len(audio)]))[0]), 3)
+    for parameter in (model.front_end.projection.weight, model.front_end.voice_projection.weight,
+                      model.front_end.segmentation_projection.weight):
+        torch.nn.init.normal_(parameter, std=0.1)
+    prompt = voiced(1.6, 110.0, 0)  # 80 CAM++ frames, 40 model frames
+    chunk = torch.cat([voiced(2.0, 230.0, 1), torch.zeros(SR)])
+    audio = torch.cat([prompt, chunk])
+    features, own = InputEncoder(model.front_end).encode(audio.numpy(), len(chunk))
+    lengths = torch.tensor([len(audio)])
+    with torch.no_grad():
+        computed = model.embed_audio(audio[None], lengths)[0]
+        given = model.embed_audio(audio[None], lengths, [features])[0]
+    torch.testing.assert_close(given, computed)  # the model reads exactly what it would compute itself
+    torch.testing.assert_close(own.features.trunk, features.trunk[80:])
+    torch.testing.assert_close(own.features.segmentation, features.segmentation[40:40 + 3 * 25])
+    voices = model.front_end.window_embeddings(features.trunk[80:]).numpy()  # windows cut short at the chunk
+    np.testing.assert_allclose(own.voices, voices)
+    assert own.voices.shape == (75, 192) and own.context_seconds == 0.0
+
+
+def test_standalone_segmentation_counts_match_the_front_end_network_on_the_model_frames():
+    from nanodrz.pipeline import model_count_function
+    from nanodrz.segmentation import powerset_counts
+
+    model = make_model("campplus_windows")  # no segmentation-3.0 in its front end: the gate runs it alone
+    audio = torch.cat([torch.zeros(2 * SR), voiced(2.0, 140.0, 5)])
+    probabilities = model_count_function(model)(audio.numpy())
+    frames = int(model.front_end.num_frames(torch.tensor([len(audio)]))[0])
+    assert probabilities.shape == (frames, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
     assert probabilities[5:45, 0].mean() > 0.8  # digital silence: nobody speaks
-    standalone = model_count_function(make_model("campplus_windows"))(audio)  # the same network, run alone
-    np.testing.assert_allclose(standalone, probabilities, atol=1e-4)
+    in_front_end = make_model("campplus_segmentation").front_end.segment(audio, frames)  # the same network
+    np.testing.assert_allclose(probabilities, powerset_counts(in_front_end.numpy()), atol=1e-4)

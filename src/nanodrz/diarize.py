@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def diarizer_for(model: Path | None, device: str, threads: int, changes: dict, formats: set[str]):
     """The diarizer of one process running `nanodrz diarize`, refusing formats its model cannot give."""
     diarizer = load_diarizer(model, device, threads, changes)
-    if "embeddings" in formats and diarizer.voice_function is None:
+    if "embeddings" in formats and not diarizer.has_voice_track:
         raise NanodrzError("--format embeddings needs a model whose front end computes speaker embeddings "
                            "(campplus_windows or campplus_segmentation); this one does not")
     return diarizer

@@ -85,3 +85,35 @@ class StretchEncoder:
         """The features of `examples.assemble_prompted_input`'s layout: clip, gap, clip, gap, ..., chunk."""
         parts = [part for clip in clips for part in (clip, self.gap)]
         return FrozenFeatures.join(parts + [chunk])
+
+
+class InputEncoder:
+    """The front end's frozen encoders over each assembled model input (prompt clips, then the chunk),
+    run before the model rather than inside it, so that the voice track and the segmentation gate read
+    the chunk's part of that one pass instead of encoding the chunk again. The model's input features
+    are exactly those it would compute itself."""
+
+    def __init__(self, front_end: torch.nn.Module):
+        self.front_end = front_end
+        self.device = next(front_end.parameters()).device
+        self.frame_samples = int(round(SAMPLE_RATE / front_end.frame_rate))
+        self.trunk_samples = int(round(SAMPLE_RATE / front_end.encoder_rate))
+        self.segments = hasattr(front_end, "segment")
+
+    @torch.no_grad()
+    def encode(self, audio: np.ndarray, chunk_samples: int) -> tuple[FrozenFeatures, EncodedChunk]:
+        """The features of a model input whose last `chunk_samples` are the chunk, and the chunk's part."""
+        samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).to(self.device)
+        trunk = self.front_end.encode(samples)
+        frames = int(self.front_end.num_frames(torch.tensor([len(audio)]))[0])
+        segmentation = self.front_end.segment(samples, frames) if self.segments else None
+        prompt_samples = len(audio) - chunk_samples
+        own_trunk = trunk[int(round(prompt_samples / self.trunk_samples)):]
+        voices = (self.front_end.window_embeddings(own_trunk).float().cpu().numpy() if len(own_trunk)
+                  else np.zeros((0, self.front_end.embedding_size), np.float32))  # a last chunk of a few samples
+        own_segmentation = None
+        if segmentation is not None:
+            first = int(round(prompt_samples / self.frame_samples))
+            own_segmentation = segmentation[first:first + -(-chunk_samples // self.frame_samples)]
+        chunk = EncodedChunk(FrozenFeatures(own_trunk, own_segmentation), voices, 0.0)
+        return FrozenFeatures(trunk, segmentation), chunk

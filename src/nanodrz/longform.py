@@ -34,7 +34,7 @@ from nanodrz.audio import SAMPLE_RATE, load_audio, to_mono, waveform_audio
 from nanodrz.decoding import DecodingOptions
 from nanodrz.errors import NanodrzError
 from nanodrz.features import FrozenFeatures
-from nanodrz.encode_once import EncodedChunk, StretchEncoder
+from nanodrz.encode_once import EncodedChunk, InputEncoder, StretchEncoder
 from nanodrz.prompts import PROMPT_GAP_SECONDS, assemble_prompted_input, single_speaker_stretches
 from nanodrz.model import DiarizationModel
 from nanodrz.params import DiarizationSettings, PipelineParams
@@ -196,6 +196,7 @@ class RecordingState:
     def __init__(self, name: str, source: str | Path | np.ndarray, geometry: PromptGeometry,
                  settings: DiarizationSettings, params: PipelineParams, enrolled: dict[str, np.ndarray],
                  seconds: float, voice_window_seconds: float, encoder: StretchEncoder | None = None,
+                 input_encoder: InputEncoder | None = None,
                  progress: bool = False, on_progress: ProgressHook | None = None):
         self.name = name
         self.where = name if isinstance(source, np.ndarray) else str(source)  # what error messages name
@@ -215,6 +216,7 @@ class RecordingState:
         self.turns: list[Turn] = []
         self.scores: list[float] = []
         self.encoder = encoder
+        self.input_encoder = None if encoder is not None else input_encoder
         self.encoded: EncodedChunk | None = None
         self.known: list[KnownSpeaker] = []
         for speaker, clip in enrolled.items():
@@ -259,6 +261,8 @@ class RecordingState:
                                             for speaker in self.prompted], self.encoded.features)
         clips = [speaker.clip[:length] for speaker in self.prompted]
         audio, prompt = assemble_prompted_input(clips, chunk, PROMPT_GAP_SECONDS)
+        if self.input_encoder is not None:
+            frozen, self.encoded = self.input_encoder.encode(audio, len(chunk))
         self.prompt_seconds = (len(audio) - len(chunk)) / SAMPLE_RATE
         return ModelInput(audio, prompt, frozen)
 
@@ -334,8 +338,9 @@ class RecordingState:
         self.offset += chunk_seconds
 
     def add_segmentation(self, count_function: CountFunction, frame_rate: float) -> None:
-        """The current chunk's segmentation-3.0 speaker counts, on the chunk alone (no prompt clips);
-        call before `absorb`, which moves the offset past the chunk."""
+        """The current chunk's segmentation-3.0 speaker counts: the chunk's part of the front end's pass
+        where it runs that network, else `count_function` on the chunk alone; call before `absorb`, which
+        moves the offset past the chunk."""
         self.segmentation = self.segmentation or CountTrack(frame_rate)
         if self.encoded is not None and self.encoded.features.segmentation is not None:
             counts = powerset_counts(self.encoded.features.segmentation.cpu().numpy())
@@ -343,11 +348,12 @@ class RecordingState:
             counts = count_function(self.current)
         self.segmentation.add(counts, self.offset)
 
-    def add_voices(self, voice_function: VoiceFunction, frame_rate: float) -> None:
-        """Queue the current chunk for the recording's voice track; every `long_form.voice_block_seconds`, and at
-        the end, embed the queued audio in one go, with half a window of its neighbours' audio on each
-        side so that no block edge blurs the voices. With `long_form.encode_once`, the current chunk's
-        own embeddings are kept instead."""
+    def add_voices(self, voice_function: VoiceFunction | None, frame_rate: float) -> None:
+        """Add the current chunk to the recording's voice track: the window embeddings of the chunk's part
+        of its encoding (the model input's pass, or `long_form.encode_once`'s) where the front end makes
+        them. Otherwise queue the chunk; every `long_form.voice_block_seconds`, and at the end, `voice_function`
+        embeds the queued audio in one go, with half a window of its neighbours' audio on each side so
+        that no block edge blurs the voices."""
         if self.encoded is not None:
             self.track = self.track or VoiceTrack(frame_rate, self.voice_window_seconds)
             self.track.add(self.encoded.voices, self.encoded.context_seconds, len(self.current) / SAMPLE_RATE)

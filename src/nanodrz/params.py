@@ -190,8 +190,10 @@ class ResegmentParams:
 class LongFormParams:
     """How a recording longer than the model's input is walked (`longform`).
 
-    voice_block_seconds: speaker embeddings are computed over blocks this long (CAM++ normalises over its
-        whole input, and a longer input gives steadier voices).
+    voice_block_seconds: for a model without CAM++ windows in its front end, whose speaker embeddings come
+        from a voice function given to `Diarizer`: that function embeds blocks this long (CAM++ normalises
+        over its whole input). A front end with them embeds each model input once, and the voice track
+        reads the chunk's part.
     clip_margin_seconds: a prompt clip keeps this far from the edges of its single-speaker stretch, where
         the boundary estimate is least sure.
     encode_once: run the frozen encoders (CAM++, segmentation-3.0) once per chunk and take the model

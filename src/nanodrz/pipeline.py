@@ -20,7 +20,7 @@ from nanodrz.annotation import Turn
 from nanodrz.audio import SAMPLE_RATE
 from nanodrz.checkpoint import build_model, load_checkpoint
 from nanodrz.decoding import DecodingOptions, decode
-from nanodrz.encode_once import StretchEncoder
+from nanodrz.encode_once import InputEncoder, StretchEncoder
 from nanodrz.errors import ConfigError, NanodrzError
 from nanodrz.longform import (MIN_SECONDS, AudioSource, CountFunction, ProgressHook, PromptGeometry, RecordingState,
                               VoiceFunction, check_audio_file, enrollment_clip, in_memory_audio, reading_error,
@@ -52,9 +52,18 @@ class Diarizer:
         self.geometry = PromptGeometry.of(model, training_config or {})
         self.params = params or PipelineParams()
         self.decode_fn = decode_fn
-        self.voice_function = voice_function or model_voice_function(model)
+        self.voice_function = voice_function
         self.voice_window_seconds = getattr(getattr(model, "front_end", None), "window_seconds", 0.0)
         self.count_function = count_function or model_count_function(model)
+        front_end = getattr(model, "front_end", None)
+        # With CAM++ windows in the front end, the voice track and the gate read the model input's own pass.
+        self.input_encoder = InputEncoder(front_end) if hasattr(front_end, "window_embeddings") else None
+
+    @property
+    def has_voice_track(self) -> bool:
+        """Whether labels are merged and re-labelled by voice and get embeddings: the front end's CAM++
+        windows, or a `voice_function` given (a model without them)."""
+        return self.input_encoder is not None or self.voice_function is not None
 
     def stretch_encoder(self, params: PipelineParams) -> StretchEncoder | None:
         """The encoder of `long_form.encode_once`, for front ends with frozen CAM++ window embeddings."""
@@ -162,7 +171,7 @@ class Diarizer:
                     else:
                         seconds = len(source) / SAMPLE_RATE
                     states.append(RecordingState(name, source, self.geometry, settings, params, enrolled, seconds,
-                                                 self.voice_window_seconds, encoder, progress, on_progress))
+                                                 self.voice_window_seconds, encoder, self.input_encoder, progress, on_progress))
                 except Exception as error:  # the first block is read here: a corrupt file fails alone
                     outcomes[name] = reading_error(source if isinstance(source, (str, Path)) else name, error)
             self._run(states, outcomes, finish)
@@ -208,7 +217,7 @@ class Diarizer:
                     if ready[i].params.resegment.nonspeech_threshold is not None:
                         ready[i].add_segmentation(self.count_function, self.model.config.frame_rate)
                     ready[i].absorb(result.turns, result.scores, result.speaker_counts, self.model.config.frame_rate)
-                    if self.voice_function is not None:
+                    if self.has_voice_track:
                         ready[i].add_voices(self.voice_function, self.model.config.frame_rate)
 
     def _output(self, state: RecordingState, params: PipelineParams) -> DiarizeOutput:
@@ -222,34 +231,17 @@ class Diarizer:
         return output
 
 
-def model_voice_function(model: DiarizationModel) -> VoiceFunction | None:
-    """The model front end's window speaker embeddings as a function of audio, if it computes them
-    (front end `campplus_windows`); without them, labels are neither merged by voice nor re-labelled."""
-    front_end = getattr(model, "front_end", None)
-    if not hasattr(front_end, "voice_track"):
-        return None
-    device = next(model.parameters()).device
-
-    def voices(audio: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return front_end.voice_track(torch.from_numpy(audio).to(device)).float().cpu().numpy()
-
-    return voices
-
-
 def model_count_function(model: DiarizationModel) -> CountFunction:
-    """segmentation-3.0's speaker counts as a function of audio, on the model's frames: the front end's
-    own pass where it runs that network (`campplus_segmentation`), otherwise a standalone pass of the same
-    frozen network, so that every model's speech is cut where it hears none (`resegment.nonspeech_threshold`)."""
+    """segmentation-3.0's speaker counts as a function of audio, on the model's frames, from a standalone
+    pass of that frozen network: for models whose front end does not run it (`campplus_segmentation`'s gate
+    reads the front end's own pass), so that every model's speech is cut where it hears none
+    (`resegment.nonspeech_threshold`)."""
     front_end = model.front_end
     device = next(model.parameters()).device
     segmenter: list[SegmentationFrontEnd] = []  # built on first use: a model whose gate is off never loads it
 
     def counts(audio: np.ndarray) -> np.ndarray:
         frames = int(front_end.num_frames(torch.tensor([len(audio)]))[0])
-        if hasattr(front_end, "segment"):
-            samples = torch.from_numpy(np.ascontiguousarray(audio)).to(device)
-            return powerset_counts(front_end.segment(samples, frames).cpu().numpy())
         if not segmenter:
             segmenter.append(SegmentationFrontEnd(device=str(device)))
         return powerset_counts(segmenter[0](audio).resampled(front_end.frame_rate, frames).powerset)

@@ -4,7 +4,7 @@ Each source becomes one shard: its utterances at 16 kHz mono, level-normalised, 
 around their speech, with speech regions from the WebRTC VAD (pauses over 0.3 s split regions,
 recordings over 15 s are cut at pauses). Speakers are split train/validation/test by a hash of
 their id; real voices kept for evaluation only (Dutch and minor Czech Fish Fillets voices,
-codec2-examples, pocketsphinx-testdata) go to validation or test. A re-run reuses every shard whose
+codec2-examples, pocketsphinx-testdata) go to test only. A re-run reuses every shard whose
 recipe (source, voices, limits, seed) is unchanged.
 
 Pseudo-speakers: every voice that may train (not the held-out ones) gets perturbed copies that

@@ -126,6 +126,8 @@ def expensive_stage_key(diarizer: Diarizer) -> str:
     key = {"decoding": values["decoding"], "long_form": values["long_form"], "model": weights_digest(diarizer.model)}
     if not getattr(getattr(diarizer.model, "front_end", None), "bf16", True):
         key["float32_encoders"] = True  # named only when set, so caches of the default stay valid
+    if not values["long_form"]["encode_once"]:
+        key["chunk_features"] = "model input"  # the voice track and gate read the model input's pass
     if diarizer.params.resegment.nonspeech_threshold is None:
         key["without_segmentation"] = True  # the gate's segmentation-3.0 counts were not computed
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
