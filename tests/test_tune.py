@@ -10,7 +10,9 @@ import soundfile as sf
 
 from nanodrz.annotation import Turn, write_rttm
 from nanodrz.params import DiarizationSettings, PipelineParams, search_space
-from nanodrz.tune import decode_sets, evaluate, load_chunk_outputs, save_chunk_outputs, trial_values, tune
+import nanodrz.tune
+from nanodrz.tune import (RULES_OFF, Scores, decode_sets, evaluate, load_chunk_outputs, retire_rules,
+                          save_chunk_outputs, trial_values, tune)
 
 from test_diarize import SR, tone_audio, tone_diarizer
 
@@ -54,3 +56,26 @@ def test_the_first_trial_is_the_current_parameters_so_tuning_never_loses(tmp_pat
     assert len(measured) == 4 and measured[0][0] == base
     assert chosen.refine.passes == 1  # frozen
     assert evaluate(found, chosen, {"noise"}).mean_der <= evaluate(found, base, {"noise"}).mean_der
+
+
+def test_rules_that_cost_nothing_are_retired_and_rules_that_help_stay(monkeypatch):
+    """Scores stand in for validation: merging lowers DER by a point, the gate keeps noise silent, the rest
+    change nothing."""
+    def fake_evaluate(found, params, quiet_sets):
+        der = 10.0 + (1.0 if params.merge.threshold is None else 0.0)
+        false_alarm = 5.0 if params.resegment.nonspeech_threshold is None else 0.5
+        return Scores({}, {}, der, false_alarm)
+
+    monkeypatch.setattr(nanodrz.tune, "evaluate", fake_evaluate)
+    chosen, retired = retire_rules({}, PipelineParams(), {"noise"}, max_false_alarm=1.0)
+    assert retired == [rule for rule in RULES_OFF if rule not in ("voice merging", "segmentation-3.0 gate")]
+    assert chosen.merge.threshold is not None and chosen.resegment.nonspeech_threshold is not None
+    assert chosen.refine.passes == 0 and chosen.absorb.min_label_seconds == 0.0
+
+
+def test_retiring_a_harmful_rule_lowers_der_on_real_decodes(tmp_path):
+    found = decode_sets(tone_diarizer(), sets(tmp_path), batch_size=2, cache=None)
+    merge_everything = PipelineParams().with_values({"merge.threshold": -1.0})
+    chosen, retired = retire_rules(found, merge_everything, {"noise"}, max_false_alarm=1e6)
+    assert "voice merging" in retired and chosen.merge.threshold is None
+    assert evaluate(found, chosen, {"noise"}).mean_der < evaluate(found, merge_everything, {"noise"}).mean_der

@@ -12,7 +12,9 @@ Optuna's TPE sampler proposes within the ranges `params.py` declares, and scores
 The model's current parameters are the first trial, so the result reproduces or beats them. Writes
 `params.yaml` (the chosen parameters: `nanodrz diarize --params`, or into the model with `--store`),
 `study.md` (current against chosen per set; each rule switched off alone from the chosen parameters, so
-every rule that stays shows its gain; the best trials) and `trials.csv`. Sets are folders of WAV files
+every rule that stays shows its gain; the best trials) and `trials.csv`. A rule whose absence costs nothing
+on validation (no higher mean DER, the non-speech limit still met) is retired: switched off in the chosen
+parameters, so the pipeline keeps only the rules the model needs. Sets are folders of WAV files
 with RTTM references beside them, as `nanodrz simulate` writes them (`benchmarks/validation_sets.sh`);
 they must hold validation speakers only, never test speakers.
 """
@@ -256,9 +258,28 @@ def tune(found: dict[str, list[Recording]], base: PipelineParams, quiet_sets: se
     return best[0], measured
 
 
+def retire_rules(found: dict[str, list[Recording]], chosen: PipelineParams, quiet_sets: set[str],
+                 max_false_alarm: float) -> tuple[PipelineParams, list[str]]:
+    """Switch off, one after another, each rule of `RULES_OFF` that the chosen parameters do not need:
+    without it the mean DER is no higher and the non-speech limit still holds (if it held). A rule that
+    stays on has shown a gain on validation; the names of the retired ones."""
+    scores = evaluate(found, chosen, quiet_sets)
+    limit = max(max_false_alarm, scores.worst_false_alarm)
+    retired = []
+    for rule, changes in RULES_OFF.items():
+        without = chosen.with_values(changes)
+        if without == chosen:
+            continue  # already off
+        candidate = evaluate(found, without, quiet_sets)
+        if candidate.mean_der <= scores.mean_der and candidate.worst_false_alarm <= limit:
+            chosen, scores = without, candidate
+            retired.append(rule)
+    return chosen, retired
+
+
 def study_report(found: dict, quiet_sets: set[str], model: str, base: tuple[PipelineParams, Scores],
                  chosen: tuple[PipelineParams, Scores], measured: list[tuple[PipelineParams, Scores]],
-                 max_false_alarm: float, feasible: bool) -> str:
+                 max_false_alarm: float, feasible: bool, retired: list[str]) -> str:
     speech_sets = [name for name in sorted(found) if name not in quiet_sets]
     columns = speech_sets + [f"{name} #1" for name in sorted(chosen[1].one_speaker)] + sorted(quiet_sets & set(found))
 
@@ -281,9 +302,12 @@ def study_report(found: dict, quiet_sets: set[str], model: str, base: tuple[Pipe
                   "does not meet it for this model): the chosen parameters are those of the lowest mean DER.", ""]
     lines += header + [line("current", base[1]), line("**chosen**", chosen[1]), ""]
     lines += ["## Each rule switched off alone, from the chosen parameters", "",
-              "A rule's gain is its row's mean DER minus the chosen one's.", ""] + header
+              "A rule's gain is its row's mean DER minus the chosen one's. Retired (switched off in the chosen "
+              "parameters: without them the mean DER is no higher and the limit still holds): "
+              f"{', '.join(retired) or 'none'}.", ""] + header
     for rule, changes in RULES_OFF.items():
-        lines.append(line(f"no {rule}", evaluate(found, chosen[0].with_values(changes), quiet_sets)))
+        if rule not in retired:
+            lines.append(line(f"no {rule}", evaluate(found, chosen[0].with_values(changes), quiet_sets)))
     lines += ["", "## Chosen parameters (changed from current)", ""]
     current, best = base[0].to_dict(), chosen[0].to_dict()
     changed = [(f"{group}.{name}", current[group][name], value) for group, fields in best.items()
@@ -344,13 +368,15 @@ def run(args: argparse.Namespace) -> int:
     base = (diarizer.params, evaluate(found, diarizer.params, quiet))
     chosen_params, measured = tune(found, diarizer.params, quiet & set(found), args.trials, args.seed,
                                    args.max_false_alarm, frozen)
+    chosen_params, retired = retire_rules(found, chosen_params, quiet & set(found), args.max_false_alarm)
     chosen = (chosen_params, evaluate(found, chosen_params, quiet))
     feasible = chosen[1].worst_false_alarm <= args.max_false_alarm
     model = str(args.model or SHIPPED_MODEL)
     with atomic_open(args.out / "params.yaml") as handle:
         yaml.safe_dump(chosen_params.to_dict(), handle, sort_keys=False)
     with atomic_open(args.out / "study.md") as handle:
-        handle.write(study_report(found, quiet, model, base, chosen, measured, args.max_false_alarm, feasible))
+        handle.write(study_report(found, quiet, model, base, chosen, measured, args.max_false_alarm, feasible,
+                                  retired))
     write_trials(args.out / "trials.csv", measured)
     print(f"mean validation DER {base[1].mean_der:.2f} -> {chosen[1].mean_der:.2f}; wrote {args.out}/params.yaml, "
           "study.md, trials.csv")
