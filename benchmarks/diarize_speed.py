@@ -355,15 +355,16 @@ def profile_nanodrz(model_path: Path, audio: Path) -> dict:
     model = build_model(checkpoint)
     diarizer = Diarizer(model, checkpoint.config, checkpoint.pipeline, decode_fn=timed_decode)
     diarizer(warm_up_clip(audio))  # loads what loads lazily (the segmenter) before the hooks go on
-    if diarizer.input_encoder is not None:
-        encode = diarizer.input_encoder.encode
+    input_encoder = getattr(diarizer, "input_encoder", None)  # absent in revisions before it (`--at`)
+    if input_encoder is not None:
+        encode = input_encoder.encode
 
         def timed_encode(samples: np.ndarray, chunk_samples: int):
             input_seconds["input_encoder"] += len(samples) / SAMPLE_RATE
             with clock.stage("input_encoder"):
                 return encode(samples, chunk_samples)
 
-        diarizer.input_encoder.encode = timed_encode
+        input_encoder.encode = timed_encode
     if diarizer.voice_function is not None:
         diarizer.voice_function = timed_function("voice_function", diarizer.voice_function)
     if diarizer.count_function is not None:
