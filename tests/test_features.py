@@ -253,6 +253,28 @@ def test_the_input_encoder_gives_the_model_its_own_features_and_the_chunk_its_pa
     assert own.voices.shape == (75, 192) and own.context_seconds == 0.0
 
 
+def test_the_input_encoder_runs_on_its_own_threads_and_gives_the_same_features():
+    from nanodrz.encode_once import InputEncoder
+
+    model = make_model("campplus_segmentation")
+    audio = torch.cat([voiced(1.6, 110.0, 0), voiced(2.0, 230.0, 1)]).numpy()
+    seen = []
+    encode = model.front_end.encode
+
+    def counting_encode(samples):
+        seen.append(torch.get_num_threads())
+        return encode(samples)
+
+    model.front_end.encode = counting_encode
+    before = torch.get_num_threads()
+    one = InputEncoder(model.front_end, threads=1).encode(audio, 2 * SR)
+    two = InputEncoder(model.front_end, threads=2).encode(audio, 2 * SR)
+    assert seen == [1, 2] and torch.get_num_threads() == before  # restored for the decoder
+    torch.testing.assert_close(two[0].trunk, one[0].trunk)
+    torch.testing.assert_close(two[0].segmentation, one[0].segmentation)
+    np.testing.assert_allclose(two[1].voices, one[1].voices, rtol=1e-5, atol=1e-6)
+
+
 def test_standalone_segmentation_counts_match_the_front_end_network_on_the_model_frames():
     from nanodrz.pipeline import model_count_function
     from nanodrz.segmentation import powerset_counts

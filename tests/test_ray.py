@@ -121,7 +121,7 @@ def test_the_manifest_names_exactly_the_files_written(tmp_path):
 
 
 def test_a_file_done_under_other_settings_is_not_done():
-    job = WorkerJob(None, "cpu", 1, 8, frozenset({"rttm"}), DiarizationSettings(), {}, {})
+    job = WorkerJob(None, "cpu", 1, 8, frozenset({"rttm"}), DiarizationSettings(), {}, {}, 1)
     assert job_key(job) == job_key(replace(job, threads=2, formats=frozenset({"json"})))
     for other in (replace(job, settings=DiarizationSettings(num_speakers=2)), replace(job, batch_size=4),
                   replace(job, changes={"merge.threshold": 0.5}), replace(job, enroll={"ann": np.ones(SR)})):

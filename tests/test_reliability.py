@@ -160,7 +160,8 @@ def test_a_folder_keeps_its_layout_under_out(tmp_path, tiny_checkpoint, capsys):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.rttm")) == ["a/x.rttm", "b/x.rttm", "x-2.rttm"]
 
 
-@pytest.mark.parametrize("case", ["out is a file", "out under a file", "eos nan", "threads 0", "enroll silent"])
+@pytest.mark.parametrize("case", ["out is a file", "out under a file", "eos nan", "threads 0", "encoder threads 0",
+                                  "enroll silent"])
 def test_arguments_are_checked_before_the_model_loads(tmp_path, capsys, case):
     audio = tmp_path / "a.wav"
     sf.write(audio, speechlike(2), SR)
@@ -171,6 +172,7 @@ def test_arguments_are_checked_before_the_model_loads(tmp_path, capsys, case):
              "out under a file": ["--out", str(tmp_path / "file" / "sub")],
              "eos nan": ["--eos-penalty", "nan"],
              "threads 0": ["--threads", "0"],
+             "encoder threads 0": ["--encoder-threads", "0"],
              "enroll silent": ["--enroll", f"Ann={silent}"]}[case]
     # A model path that does not exist: reaching the model would give another error.
     code = cli.main(["diarize", str(audio), "--model", str(tmp_path / "no-model.safetensors"), *extra])

@@ -8,6 +8,7 @@ KEY=VALUE` and `--params FILE` reach every parameter, as `nanodrz tune` writes t
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: small models decode token by token fastest on one "
                              "thread; raise it for large models)")
+    parser.add_argument("--encoder-threads", type=int,
+                        help="CPU threads for the frozen encoders (CAM++, segmentation-3.0), which run over each "
+                             "model input before the model; the answers do not depend on it (default: the cores "
+                             "this process may use, shared among --workers)")
 
 
 def add_speaker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,12 +124,23 @@ def speaker_settings(args: argparse.Namespace) -> DiarizationSettings:
 def check_run_arguments(args: argparse.Namespace) -> None:
     if args.threads < 1 or args.batch_size < 1:
         raise NanodrzError("--threads and --batch-size must be at least 1")
+    if args.encoder_threads is not None and args.encoder_threads < 1:
+        raise NanodrzError("--encoder-threads must be at least 1")
 
 
-def load_diarizer(model: Path | None, device: str, threads: int, changes: dict[str, Any]) -> Diarizer:
+def encoder_thread_count(requested: int | None, processes: int = 1) -> int:
+    """`--encoder-threads`, or by default the cores this process may use shared among `processes`."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // processes)
+
+
+def load_diarizer(model: Path | None, device: str, threads: int, changes: dict[str, Any],
+                  encoder_threads: int | None = None) -> Diarizer:
     """A diarizer whose parameters are its model's with `changes` applied."""
     torch.set_num_threads(threads)
-    diarizer = Diarizer.from_pretrained(model, device)
+    diarizer = Diarizer.from_pretrained(model, device, encoder_threads)
     diarizer.params = diarizer.params.with_values(changes)
     return diarizer
 

@@ -14,8 +14,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from nanodrz.commandline import (add_model_arguments, add_pipeline_arguments, add_speaker_arguments,
-                                 check_run_arguments, checked_changes, load_diarizer, pipeline_changes,
-                                 speaker_settings)
+                                 check_run_arguments, checked_changes, encoder_thread_count, load_diarizer,
+                                 pipeline_changes, speaker_settings)
 from nanodrz.errors import NanodrzError
 from nanodrz.fileio import check_writable_folder
 from nanodrz.longform import AUDIO_EXTENSIONS, enrollment_clip
@@ -92,9 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
 
 
-def diarizer_for(model: Path | None, device: str, threads: int, changes: dict, formats: set[str]):
+def diarizer_for(model: Path | None, device: str, threads: int, changes: dict, formats: set[str],
+                 encoder_threads: int | None = None):
     """The diarizer of one process running `nanodrz diarize`, refusing formats its model cannot give."""
-    diarizer = load_diarizer(model, device, threads, changes)
+    diarizer = load_diarizer(model, device, threads, changes, encoder_threads)
     if "embeddings" in formats and not diarizer.has_voice_track:
         raise NanodrzError("--format embeddings needs a model whose front end computes speaker embeddings "
                            "(campplus_windows or campplus_segmentation); this one does not")
@@ -113,14 +114,15 @@ def run(args: argparse.Namespace) -> int:
     found, errors = find_audio(args.inputs)
     check_distinct_outputs(found)
     enroll = parse_enrollment(args.enroll)
+    encoder_threads = encoder_thread_count(args.encoder_threads, args.workers)
     if args.workers > 1:
         from nanodrz.parallel import WorkerJob, diarize_in_workers  # it imports this module
 
         job = WorkerJob(args.model, args.device, args.threads, args.batch_size, frozenset(formats), settings, changes,
-                        enroll)
+                        enroll, encoder_threads)
         outcomes = diarize_in_workers(found, job, args.workers, progress=len(found) > 1)
     else:
-        diarizer = diarizer_for(args.model, args.device, args.threads, changes, formats)
+        diarizer = diarizer_for(args.model, args.device, args.threads, changes, formats, encoder_threads)
         outcomes = diarizer.outputs_many(found, settings, enroll, args.batch_size, progress=len(found) > 1)
     failed: dict[str, NanodrzError] = {}
     for name, outcome in outcomes:

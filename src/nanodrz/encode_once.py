@@ -1,11 +1,10 @@
 """The frozen encoders once per recording (`long_form.encode_once`): each chunk is encoded once, with a
 little audio of its neighbours on each side, and everything else is a slice of that.
 
-Without it, CAM++ runs about 2.5 times over every second of a recording: over each model input, whose
-prompt clips were heard before, and again over minute-long blocks for the voice track; model v2's
-segmentation-3.0 runs twice. With it, CAM++ and segmentation-3.0 run once per chunk; the model input's
-frozen features are the prompt clips' slices, a gap encoded once, and the chunk's own, and the voice
-track and the segmentation gate read the chunk's. The features differ a little from those of the
+Without it (`InputEncoder`), CAM++ and segmentation-3.0 run once over each model input, about 1.5 times
+over every second of a recording, as the prompt clips were heard before; the voice track and the
+segmentation gate read the chunk's part of that pass. With it, they run once per chunk; the model input's
+frozen features are the prompt clips' slices, a gap encoded once, and the chunk's own. The features differ a little from those of the
 assembled input (CAM++ normalises its filterbanks over its whole input, and a window near a clip's edge
 now sees the clip's own neighbourhood), so the answers can differ: `nanodrz tune`'s sets measure it.
 
@@ -15,6 +14,7 @@ end on it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,14 +87,35 @@ class StretchEncoder:
         return FrozenFeatures.join(parts + [chunk])
 
 
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's CPU thread count set to `threads` (None: left alone) for the block, then restored."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 class InputEncoder:
     """The front end's frozen encoders over each assembled model input (prompt clips, then the chunk),
     run before the model rather than inside it, so that the voice track and the segmentation gate read
     the chunk's part of that one pass instead of encoding the chunk again. The model's input features
-    are exactly those it would compute itself."""
+    are exactly those it would compute itself.
 
-    def __init__(self, front_end: torch.nn.Module):
+    threads: torch CPU threads for this pass alone (None: the caller's). The encoders are large
+        convolutions and LSTMs that use more cores well, while the token-by-token decoder is fastest on
+        one thread; their outputs do not depend on the thread count (oneDNN splits the work by outputs).
+    """
+
+    def __init__(self, front_end: torch.nn.Module, threads: int | None = None):
+        if threads is not None and threads < 1:
+            raise ValueError(f"encoder threads must be at least 1, got {threads}")
         self.front_end = front_end
+        self.threads = threads
         self.device = next(front_end.parameters()).device
         self.frame_samples = int(round(SAMPLE_RATE / front_end.frame_rate))
         self.trunk_samples = int(round(SAMPLE_RATE / front_end.encoder_rate))
@@ -104,13 +125,14 @@ class InputEncoder:
     def encode(self, audio: np.ndarray, chunk_samples: int) -> tuple[FrozenFeatures, EncodedChunk]:
         """The features of a model input whose last `chunk_samples` are the chunk, and the chunk's part."""
         samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).to(self.device)
-        trunk = self.front_end.encode(samples)
         frames = int(self.front_end.num_frames(torch.tensor([len(audio)]))[0])
-        segmentation = self.front_end.segment(samples, frames) if self.segments else None
         prompt_samples = len(audio) - chunk_samples
-        own_trunk = trunk[int(round(prompt_samples / self.trunk_samples)):]
-        voices = (self.front_end.window_embeddings(own_trunk).float().cpu().numpy() if len(own_trunk)
-                  else np.zeros((0, self.front_end.embedding_size), np.float32))  # a last chunk of a few samples
+        with torch_threads(self.threads):
+            trunk = self.front_end.encode(samples)
+            segmentation = self.front_end.segment(samples, frames) if self.segments else None
+            own_trunk = trunk[int(round(prompt_samples / self.trunk_samples)):]
+            voices = (self.front_end.window_embeddings(own_trunk).float().cpu().numpy() if len(own_trunk)
+                      else np.zeros((0, self.front_end.embedding_size), np.float32))  # a last chunk of a few samples
         own_segmentation = None
         if segmentation is not None:
             first = int(round(prompt_samples / self.frame_samples))

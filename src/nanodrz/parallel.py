@@ -44,13 +44,14 @@ class WorkerJob:
     settings: DiarizationSettings
     changes: dict[str, Any]  # pipeline parameters changed from the model's
     enroll: dict[str, np.ndarray]
+    encoder_threads: int  # torch threads of the frozen encoders' pass
 
 
 def work(job: WorkerJob, tasks: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
     """A worker's life: load the model (a failure, e.g. a bad checkpoint, ends the whole run), then
     diarize groups (index, [(name, path)]) until the None that says there are no more."""
     try:
-        diarizer = diarizer_for(job.model, job.device, job.threads, job.changes, set(job.formats))
+        diarizer = diarizer_for(job.model, job.device, job.threads, job.changes, set(job.formats), job.encoder_threads)
     except NanodrzError as error:
         results.put(("fatal", str(error)))
         return

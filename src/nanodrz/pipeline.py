@@ -47,7 +47,7 @@ class Diarizer:
 
     def __init__(self, model: DiarizationModel, training_config: dict | None = None,
                  params: PipelineParams | None = None, decode_fn=decode, voice_function: VoiceFunction | None = None,
-                 count_function: CountFunction | None = None):
+                 count_function: CountFunction | None = None, encoder_threads: int | None = None):
         self.model = model.eval()
         self.geometry = PromptGeometry.of(model, training_config or {})
         self.params = params or PipelineParams()
@@ -56,8 +56,10 @@ class Diarizer:
         self.voice_window_seconds = getattr(getattr(model, "front_end", None), "window_seconds", 0.0)
         self.count_function = count_function or model_count_function(model)
         front_end = getattr(model, "front_end", None)
-        # With CAM++ windows in the front end, the voice track and the gate read the model input's own pass.
-        self.input_encoder = InputEncoder(front_end) if hasattr(front_end, "window_embeddings") else None
+        # With CAM++ windows in the front end, the voice track and the gate read the model input's own pass,
+        # run on `encoder_threads` torch threads (None: the caller's).
+        self.input_encoder = (InputEncoder(front_end, encoder_threads) if hasattr(front_end, "window_embeddings")
+                              else None)
 
     @property
     def has_voice_track(self) -> bool:
@@ -76,8 +78,10 @@ class Diarizer:
         return StretchEncoder(front_end, self.voice_window_seconds / 2)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "Diarizer":
-        """Load a checkpoint (default: the model shipped inside the package) with its tuned parameters."""
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu",
+                        encoder_threads: int | None = None) -> "Diarizer":
+        """Load a checkpoint (default: the model shipped inside the package) with its tuned parameters;
+        `encoder_threads`: torch threads of the frozen encoders' pass (None: the caller's thread count)."""
         path = Path(path) if path is not None else SHIPPED_MODEL
         if path == SHIPPED_MODEL and not path.is_file():
             raise NanodrzError("no model is shipped in this installation; pass --model PATH to a trained checkpoint")
@@ -88,7 +92,8 @@ class Diarizer:
         if torch_device.type == "cuda" and not torch.cuda.is_available():
             raise NanodrzError("--device cuda was asked for but no CUDA GPU is available")
         checkpoint = load_checkpoint(path)
-        return cls(build_model(checkpoint).to(torch_device), checkpoint.config, checkpoint.pipeline)
+        return cls(build_model(checkpoint).to(torch_device), checkpoint.config, checkpoint.pipeline,
+                   encoder_threads=encoder_threads)
 
     def __call__(self, audio: AudioSource, settings: DiarizationSettings | None = None,
                  enroll: dict[str, str | Path | np.ndarray] | None = None, uri: str | None = None,

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs and not args.list:
         raise NanodrzError("give audio files, directories, glob patterns or --list FILE")
     job = WorkerJob(args.model, args.device, args.threads, args.batch_size, frozenset(formats),
-                    speaker_settings(args), checked_changes(pipeline_changes(args)), parse_enrollment(args.enroll))
+                    speaker_settings(args), checked_changes(pipeline_changes(args)), parse_enrollment(args.enroll),
+                    args.encoder_threads or args.threads)  # by default the CPUs each actor reserves
     check_writable_folder(args.out, "--out")
     found, errors = find_inputs(args.inputs, args.list)
     check_distinct_outputs(found)
@@ -319,7 +320,8 @@ class GroupDiarizer:
         self.job = job
         self.diarizer, self.error = None, None
         try:
-            self.diarizer = diarizer_for(job.model, job.device, job.threads, job.changes, set(job.formats))
+            self.diarizer = diarizer_for(job.model, job.device, job.threads, job.changes, set(job.formats),
+                                         job.encoder_threads)
         except NanodrzError as error:  # reported by `ready`, so the driver ends the run with this line
             self.error = str(error)
 
@@ -341,7 +343,8 @@ def diarize_on_ray(groups: list[Group], job: WorkerJob, actors: int | None) -> I
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    remote = ray.remote(GroupDiarizer).options(num_cpus=job.threads, num_gpus=1 if job.device == "cuda" else 0,
+    remote = ray.remote(GroupDiarizer).options(num_cpus=max(job.threads, job.encoder_threads),
+                                               num_gpus=1 if job.device == "cuda" else 0,
                                                max_restarts=0, max_task_retries=0)
     fits = capacity(job)  # refuses, before any actor starts, a cluster where none fits
     count = min(actors or fits, len(groups))

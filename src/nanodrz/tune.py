@@ -40,7 +40,7 @@ from tqdm import tqdm
 from nanodrz.annotation import Turn, read_rttm
 from nanodrz.checkpoint import store_pipeline
 from nanodrz.commandline import (add_model_arguments, add_pipeline_arguments, check_run_arguments, checked_changes,
-                                 pipeline_changes)
+                                 encoder_thread_count, pipeline_changes)
 from nanodrz.errors import NanodrzError
 from nanodrz.evaluate import score
 from nanodrz.fileio import atomic_open, check_writable_folder
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable_folder(args.out, "--out")
     sets = read_sets(args.sets)
     torch.set_num_threads(args.threads)
-    diarizer = Diarizer.from_pretrained(args.model, args.device)
+    diarizer = Diarizer.from_pretrained(args.model, args.device, encoder_thread_count(args.encoder_threads))
     diarizer.params = diarizer.params.with_values(changes)  # the starting point, decoding included
     frozen = {key.strip() for key in args.freeze.split(",") if key.strip()}
     unknown = frozen - set(search_space(diarizer.params))
