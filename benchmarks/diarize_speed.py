@@ -52,8 +52,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import inspect
+import json
 import os
 import platform
 import resource
