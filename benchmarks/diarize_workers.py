@@ -4,7 +4,9 @@ The files (default 8 of 30-60 s) are conversations simulated with the `overlap` 
 voices (the prepared bank, else the synthetic test bank), written as 16 kHz WAV files to a temporary
 folder. Each worker count runs the whole command in a fresh process, timed from start to exit (start-up,
 model loading and writing included: what a user waits for), with `--threads 1` per worker and the same
-`--batch-size` (default 1, so that every worker has files to take). The RTTMs of every run must be
+`--batch-size` (default 1, so that every worker has files to take). The frozen encoders run on the
+command's default threads (the cores shared among the workers: both cores for `--workers 1`, one each for
+`--workers 2`) unless `--encoder-threads` fixes them for every run. The RTTMs of every run must be
 byte-identical to those of `--workers 1`; the script stops if they are not.
 
 Start-up (importing torch, then spawning workers that import it again and load their model) is a fixed
@@ -13,7 +15,8 @@ count is also timed on 1 s files (a group for every worker), and the files per m
 (wall time minus that) are reported next to the end-to-end ones.
 
     .venv/bin/python benchmarks/diarize_workers.py [--model PATH] [--files 8] [--seconds 30,60]
-                                                   [--workers 1,2] [--batch-size 1] [--json OUT]
+                                                   [--workers 1,2] [--batch-size 1] [--encoder-threads N]
+                                                   [--json OUT]
 """
 
 from __future__ import annotations
@@ -49,24 +52,26 @@ def write_conversations(folder: Path, count: int, seconds: tuple[float, float]) 
     return total, origin
 
 
-def timed_run(inputs: Path, out: Path, model: Path, workers: int, batch_size: int) -> float:
+def timed_run(inputs: Path, out: Path, model: Path, workers: int, batch_size: int,
+              encoder_threads: int | None) -> float:
     """Wall-clock seconds of one `nanodrz diarize` call."""
     started = time.perf_counter()
+    threads = ["--encoder-threads", str(encoder_threads)] if encoder_threads else []
     done = subprocess.run([sys.executable, "-m", "nanodrz.cli", "diarize", str(inputs), "--out", str(out),
                            "--model", str(model), "--workers", str(workers), "--threads", "1",
-                           "--batch-size", str(batch_size)], capture_output=True, text=True)
+                           "--batch-size", str(batch_size), *threads], capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"diarize_workers: --workers {workers} failed:\n{done.stderr.strip()}")
     return seconds
 
 
-def startup_seconds(folder: Path, model: Path, workers: int, batch_size: int) -> float:
+def startup_seconds(folder: Path, model: Path, workers: int, batch_size: int, encoder_threads: int | None) -> float:
     """Wall-clock seconds of the same call on 1 s files, enough for every worker to start and load its
     model: start-up, next to no work."""
     for index in range(workers * batch_size):
         write_audio(folder / "in" / f"{index:03d}.wav", np.zeros(16000, dtype=np.float32))
-    return timed_run(folder / "in", folder / "out", model, workers, batch_size)
+    return timed_run(folder / "in", folder / "out", model, workers, batch_size, encoder_threads)
 
 
 def rttms(folder: Path) -> dict[str, bytes]:
@@ -80,6 +85,8 @@ def main() -> None:
     parser.add_argument("--seconds", default="30,60", help="shortest,longest conversation in seconds (default 30,60)")
     parser.add_argument("--workers", default="1,2", help="worker counts to time, the first is the reference")
     parser.add_argument("--batch-size", type=int, default=1, help="--batch-size of every run (default 1)")
+    parser.add_argument("--encoder-threads", type=int, help="--encoder-threads of every run (default: the "
+                        "command's own, the cores shared among the workers)")
     parser.add_argument("--json", type=Path, default=Path("diarize_workers.json"), help="where to write the results")
     args = parser.parse_args()
     if not args.model.is_file():
@@ -89,8 +96,9 @@ def main() -> None:
         counts = [int(value) for value in args.workers.split(",")]
     except ValueError:
         sys.exit("diarize_workers: --seconds takes two numbers and --workers whole numbers, comma-separated")
-    if args.files < 1 or not 0 < shortest <= longest or min(counts) < 1:
-        sys.exit("diarize_workers: --files, --seconds and --workers must be positive (shortest <= longest)")
+    if args.files < 1 or not 0 < shortest <= longest or min(counts) < 1 or (args.encoder_threads or 1) < 1:
+        sys.exit("diarize_workers: --files, --seconds, --workers and --encoder-threads must be positive "
+                 "(shortest <= longest)")
 
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
@@ -100,12 +108,13 @@ def main() -> None:
         reference = None
         for workers in counts:
             out = Path(temporary) / f"out{workers}"
-            wall = timed_run(inputs, out, args.model, workers, args.batch_size)
+            wall = timed_run(inputs, out, args.model, workers, args.batch_size, args.encoder_threads)
             written = rttms(out)
             reference = written if reference is None else reference
             if written != reference:
                 sys.exit(f"diarize_workers: --workers {workers} wrote different RTTMs from --workers {counts[0]}")
-            startup = startup_seconds(Path(temporary) / f"startup{workers}", args.model, workers, args.batch_size)
+            startup = startup_seconds(Path(temporary) / f"startup{workers}", args.model, workers, args.batch_size,
+                                      args.encoder_threads)
             rows.append({"workers": workers, "wall_seconds": wall, "startup_seconds": startup,
                          "files_per_minute": args.files / wall * 60,
                          "files_per_minute_after_startup": args.files / max(wall - startup, 1e-9) * 60})
@@ -119,7 +128,8 @@ def main() -> None:
             f"{row['workers']} workers x{row[key + '_vs_first']:.2f}" for row in rows)))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"model": str(args.model), "files": args.files, "audio_seconds": audio_seconds,
-                                     "batch_size": args.batch_size, "voices": origin, "rows": rows}, indent=2) + "\n")
+                                     "batch_size": args.batch_size, "encoder_threads": args.encoder_threads,
+                                     "voices": origin, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 
