@@ -46,6 +46,11 @@ class WorkerJob:
     enroll: dict[str, np.ndarray]
     encoder_threads: int  # torch threads of the frozen encoders' pass
 
+    @property
+    def cpus(self) -> int:
+        """The cores one worker keeps busy at most (what a Ray actor reserves)."""
+        return max(self.threads, self.encoder_threads)
+
 
 def work(job: WorkerJob, tasks: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
     """A worker's life: load the model (a failure, e.g. a bad checkpoint, ends the whole run), then

@@ -343,7 +343,7 @@ def diarize_on_ray(groups: list[Group], job: WorkerJob, actors: int | None) -> I
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    remote = ray.remote(GroupDiarizer).options(num_cpus=max(job.threads, job.encoder_threads),
+    remote = ray.remote(GroupDiarizer).options(num_cpus=job.cpus,
                                                num_gpus=1 if job.device == "cuda" else 0,
                                                max_restarts=0, max_task_retries=0)
     fits = capacity(job)  # refuses, before any actor starts, a cluster where none fits
@@ -406,15 +406,15 @@ def diarize_on_ray(groups: list[Group], job: WorkerJob, actors: int | None) -> I
 
 
 def capacity(job: WorkerJob) -> int:
-    """How many actors the cluster holds at once: its GPUs (--device cuda), or its CPUs for --threads
+    """How many actors the cluster holds at once: its GPUs (--device cuda), or its CPUs for `job.cpus`
     each; refused when not even one fits on any node, rather than waiting for ever."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    resource, each = ("GPU", 1) if job.device == "cuda" else ("CPU", job.threads)
+    resource, each = ("GPU", 1) if job.device == "cuda" else ("CPU", job.cpus)
     if not any(node.get(resource, 0) >= each for node in nodes):
         raise NanodrzError(f"no node of the Ray cluster has {each} {resource}{'s' if each > 1 else ''} for an "
-                           f"actor" + (" (lower --threads)" if resource == "CPU" else ""))
+                           f"actor" + (" (lower --threads and --encoder-threads)" if resource == "CPU" else ""))
     return max(1, sum(int(node.get(resource, 0) // each) for node in nodes))
 
 
