@@ -4,9 +4,10 @@ little audio of its neighbours on each side, and everything else is a slice of t
 Without it (`InputEncoder`), CAM++ and segmentation-3.0 run once over each model input, about 1.5 times
 over every second of a recording, as the prompt clips were heard before; the voice track and the
 segmentation gate read the chunk's part of that pass. With it, they run once per chunk; the model input's
-frozen features are the prompt clips' slices, a gap encoded once, and the chunk's own. The features differ a little from those of the
-assembled input (CAM++ normalises its filterbanks over its whole input, and a window near a clip's edge
-now sees the clip's own neighbourhood), so the answers can differ: `nanodrz tune`'s sets measure it.
+frozen features are the prompt clips' slices, a gap encoded once, and the chunk's own. The features
+differ a little from those of the assembled input (CAM++ normalises its filterbanks over its whole input,
+and a window near a clip's edge now sees the clip's own neighbourhood), so the answers can differ:
+`nanodrz tune`'s sets measure it.
 
 Slices must fall on the model's frame grid (40 ms at 25 frames/s, two CAM++ frames), so clips start and
 end on it.
@@ -108,7 +109,8 @@ class InputEncoder:
 
     threads: torch CPU threads for this pass alone (None: the caller's). The encoders are large
         convolutions and LSTMs that use more cores well, while the token-by-token decoder is fastest on
-        one thread; their outputs do not depend on the thread count (oneDNN splits the work by outputs).
+        one thread. Their outputs did not depend on the thread count where measured (bitwise equal at 1
+        and 2 threads: oneDNN splits the work by outputs).
     """
 
     def __init__(self, front_end: torch.nn.Module, threads: int | None = None):

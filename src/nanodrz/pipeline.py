@@ -176,7 +176,8 @@ class Diarizer:
                     else:
                         seconds = len(source) / SAMPLE_RATE
                     states.append(RecordingState(name, source, self.geometry, settings, params, enrolled, seconds,
-                                                 self.voice_window_seconds, encoder, self.input_encoder, progress, on_progress))
+                                                 self.voice_window_seconds, encoder, self.input_encoder, progress,
+                                                 on_progress))
                 except Exception as error:  # the first block is read here: a corrupt file fails alone
                     outcomes[name] = reading_error(source if isinstance(source, (str, Path)) else name, error)
             self._run(states, outcomes, finish)
