@@ -270,9 +270,10 @@ def test_the_input_encoder_runs_on_its_own_threads_and_gives_the_same_features()
     one = InputEncoder(model.front_end, threads=1).encode(audio, 2 * SR)
     two = InputEncoder(model.front_end, threads=2).encode(audio, 2 * SR)
     assert seen == [1, 2] and torch.get_num_threads() == before  # restored for the decoder
-    torch.testing.assert_close(two[0].trunk, one[0].trunk)
-    torch.testing.assert_close(two[0].segmentation, one[0].segmentation)
-    np.testing.assert_allclose(two[1].voices, one[1].voices, rtol=1e-5, atol=1e-6)
+    # Bitwise equal where measured; a little room for CPUs whose kernels split the sums by thread.
+    torch.testing.assert_close(two[0].trunk.float(), one[0].trunk.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(two[0].segmentation.float(), one[0].segmentation.float(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(two[1].voices, one[1].voices, rtol=1e-4, atol=1e-4)
 
 
 def test_standalone_segmentation_counts_match_the_front_end_network_on_the_model_frames():
