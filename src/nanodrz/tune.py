@@ -301,12 +301,14 @@ def study_report(found: dict, quiet_sets: set[str], model: str, base: tuple[Pipe
         lines += [f"No trial met the limit of {max_false_alarm:g} s/min where nobody speaks (post-processing alone "
                   "does not meet it for this model): the chosen parameters are those of the lowest mean DER.", ""]
     lines += header + [line("current", base[1]), line("**chosen**", chosen[1]), ""]
+    already_off = [rule for rule, changes in RULES_OFF.items()
+                   if rule not in retired and chosen[0].with_values(changes) == chosen[0]]
     lines += ["## Each rule switched off alone, from the chosen parameters", "",
               "A rule's gain is its row's mean DER minus the chosen one's. Retired (switched off in the chosen "
               "parameters: without them the mean DER is no higher and the limit still holds): "
-              f"{', '.join(retired) or 'none'}.", ""] + header
+              f"{', '.join(retired) or 'none'}. Off from the start: {', '.join(already_off) or 'none'}.", ""] + header
     for rule, changes in RULES_OFF.items():
-        if rule not in retired:
+        if rule not in retired and rule not in already_off:
             lines.append(line(f"no {rule}", evaluate(found, chosen[0].with_values(changes), quiet_sets)))
     lines += ["", "## Chosen parameters (changed from current)", ""]
     current, best = base[0].to_dict(), chosen[0].to_dict()
