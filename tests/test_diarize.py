@@ -400,7 +400,7 @@ def test_shipped_model_diarizes_the_example_conversation():
     turns = from_annotation(Diarizer.from_pretrained()(root / "conversation.wav"))
     assert len({t.speaker for t in turns}) >= 2
     report = score(read_rttm(root / "conversation.rttm"), {"conversation": turns})
-    assert report.der(0.0) < 0.2  # 6.7% at collar 0 with the shipped model and parameters (bash scripts/run-example.sh)
+    assert report.der(0.0) < 0.2  # 8.3% at collar 0 with the shipped model and parameters (bash scripts/run-example.sh)
 
 
 def test_encode_once_runs_each_frozen_encoder_once_per_chunk_and_still_diarizes():
