@@ -61,7 +61,8 @@ def compare(run_a: Path, run_b: Path, min_change: float, extra: dict[str, Path])
             references.update(read_rttm(path))
         if not references:
             continue
-        hypotheses = [read_rttm(run / rows_of(run)[name][1]["systems"]["nanodrz"]["hypotheses"]) for run in (run_a, run_b)]
+        hypotheses = [read_rttm(run / rows[name][1]["systems"]["nanodrz"]["hypotheses"])
+                      for run, rows in ((run_a, rows_a), (run_b, rows_b))]
         a, b = (file_scores(references, h) for h in hypotheses)
         changed = [uri for uri in references if abs(b[uri][0] - a[uri][0]) > min_change]
         labels = [uri for uri in changed if abs(b[uri][3] - a[uri][3]) >= abs(b[uri][0] - a[uri][0]) / 2]
