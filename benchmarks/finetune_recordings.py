@@ -14,7 +14,12 @@ output exists (a stopped run continues where it stopped):
                     data.recordings = {path: WORK/recordings, ratio: 0.5, validation_fraction: 0.1}
 5. after:           the same as 3 with --model WORK/run/best.safetensors (lowest validation DER, which
                     includes the held-out recordings)
-6. WORK/results.json and a Markdown table (--markdown): DER (collar 0, overlap scored) before and after.
+6. with --control MODEL (a model trained as long on simulated conversations alone): the same as 3, a
+                    column that separates adaptation from further training
+7. WORK/results.json and a Markdown table (--markdown): DER (collar 0, overlap scored) before and after.
+
+A preset is a name or a YAML file (`benchmarks/presets/rapid.yaml`, outside the training curriculum); its
+folders and rows are named by the file's stem.
 
 The run (about an hour on 2 CPU cores; pass --threads 2 when nothing else runs):
 
@@ -65,6 +70,11 @@ def der_of(references: Path, model: Path, out: Path, threads: int) -> float:
     return json.loads(scores.read_text())["total"]["der"][0]["der"]
 
 
+def preset_name(preset: str) -> str:
+    """A preset's name: itself, or a YAML file's stem."""
+    return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+
+
 def finetune_config(args: argparse.Namespace, model: Path, work: Path) -> dict:
     """The model's own training config, turned into a fine-tuning run on the recordings."""
     checkpoint = load_checkpoint(model)
@@ -88,16 +98,20 @@ def finetune_config(args: argparse.Namespace, model: Path, work: Path) -> dict:
 
 
 def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    control = args.control is not None
     lines = ["# Fine-tuning on annotated recordings: `benchmarks/finetune_recordings.py`", "",
              f"The shipped model fine-tuned for {args.steps} steps (batch {args.batch_size}, peak lr {args.lr:g}) on "
              f"{args.recordings} `{args.preset}` conversations of train speakers written by `nanodrz simulate`, "
              f"mixed with simulated conversations at ratio {args.ratio:g}. Test sets: {args.test_files} "
-             "conversations of test speakers per preset. DER % (collar 0, overlap scored).", "",
-             "| preset | DER before | DER after | change |", "|---|---:|---:|---:|"]
+             "conversations of test speakers per preset. DER % (collar 0, overlap scored)."
+             + (f" Control: `{args.control}`, trained further on simulated conversations alone." if control else ""),
+             "", "| preset | DER before | DER after | change |" + (" DER control |" if control else ""),
+             "|---|---:|---:|---:|" + ("---:|" if control else "")]
     for row in rows:
-        marker = " (adapted)" if row["preset"] == args.preset else ""
+        marker = " (adapted)" if row["preset"] == preset_name(args.preset) else ""
         lines.append(f"| {row['preset']}{marker} | {100 * row['before']:.1f} | {100 * row['after']:.1f} | "
-                     f"{100 * (row['after'] - row['before']):+.1f} |")
+                     f"{100 * (row['after'] - row['before']):+.1f} |"
+                     + (f" {100 * row['control']:.1f} |" if control else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -116,22 +130,30 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5, help="share of training examples from the recordings")
     parser.add_argument("--validation-conversations", type=int, default=8, help="per validation set")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of nanodrz diarize")
+    parser.add_argument("--control", type=Path, help="also score this model (trained further without recordings)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
     work, presets = args.work, args.presets.split(",")
+    names = {preset: preset_name(preset) for preset in presets}
 
     simulate(args.preset, "train", args.recordings, 21, work / "recordings", args.bank)
     for preset in presets:
-        simulate(preset, "test", args.test_files, 0, work / "test" / preset, args.bank)
-    before = {preset: der_of(work / "test" / preset, args.model, work / "before" / preset, args.threads)
-              for preset in presets}
+        simulate(preset, "test", args.test_files, 0, work / "test" / names[preset], args.bank)
+
+    def ders(model: Path, stage: str) -> dict[str, float]:
+        return {preset: der_of(work / "test" / names[preset], model, work / stage / names[preset], args.threads)
+                for preset in presets}
+
+    before = ders(args.model, "before")
     last, tuned = work / "run" / "last.safetensors", work / "run" / "best.safetensors"
     if not (last.is_file() and load_checkpoint(last).step >= args.steps):
         config_path = work / "finetune.yaml"
         config_path.write_text(yaml.safe_dump(finetune_config(args, args.model, work), sort_keys=False))
         nanodrz("train", config_path, *(["--resume", work / "run"] if last.is_file() else []))
-    after = {preset: der_of(work / "test" / preset, tuned, work / "after" / preset, args.threads) for preset in presets}
-    rows = [{"preset": preset, "before": before[preset], "after": after[preset]} for preset in presets]
+    after = ders(tuned, "after")
+    control = ders(args.control, "control") if args.control else {}
+    rows = [{"preset": names[preset], "before": before[preset], "after": after[preset],
+             **({"control": control[preset]} if control else {})} for preset in presets]
     (work / "results.json").write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(args).items()},
                                                    "rows": rows}, indent=1))
     table = to_markdown(rows, args)

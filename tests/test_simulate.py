@@ -47,6 +47,17 @@ def test_every_preset_is_documented_and_simulates(train_bank: Bank) -> None:
         assert conversation.turns and conversation.meta["speech_ratio"] > 0.2
 
 
+def test_benchmark_presets_load_and_simulate(train_bank: Bank) -> None:
+    """The preset files the benchmarks name (`--preset benchmarks/presets/NAME.yaml`) stay valid."""
+    files = sorted((Path(__file__).parents[1] / "benchmarks" / "presets").glob("*.yaml"))
+    assert {path.stem for path in files} >= {"meeting10", "rapid"}
+    for path in files:
+        assert path.read_text().startswith(f"# {path.stem}:"), f"{path} lacks its comment header"
+        config = load_preset(str(path), ["duration=[6,8]", "reverb.rooms=4"])
+        conversation = simulate_conversation(train_bank, config, np.random.default_rng(1))
+        assert conversation.turns and conversation.meta["speech_ratio"] > 0.2
+
+
 def test_overlap_knobs_change_measured_overlap(train_bank: Bank) -> None:
     def mean_overlap(preset: str, overrides: list[str]) -> float:
         conversations = simulate_many(train_bank, load_preset(preset, SHORT + overrides), 12)
