@@ -8,7 +8,6 @@ on one torch thread and the frozen encoders on `--encoder-threads`, as `nanodrz 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -32,8 +31,7 @@ def main() -> None:
     torch.set_num_threads(1)
     diarizer = Diarizer.from_pretrained(args.model, encoder_threads=args.encoder_threads)
     greedy = diarizer.params
-    beam = dataclasses.replace(greedy, decoding=dataclasses.replace(greedy.decoding, strategy="beam",
-                                                                     beam_size=args.beam_size))
+    beam = greedy.with_values({"decoding.strategy": "beam", "decoding.beam_size": args.beam_size})
     seconds = sum(sf.info(str(path)).duration for path in files)
     diarizer.run(files[0])  # warm-up
     for name, params in [("greedy", greedy), (f"beam {args.beam_size}", beam)] * 2:

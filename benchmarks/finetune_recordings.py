@@ -70,11 +70,6 @@ def der_of(references: Path, model: Path, out: Path, threads: int) -> float:
     return json.loads(scores.read_text())["total"]["der"][0]["der"]
 
 
-def preset_name(preset: str) -> str:
-    """A preset's name: itself, or a YAML file's stem."""
-    return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
-
-
 def finetune_config(args: argparse.Namespace, model: Path, work: Path) -> dict:
     """The model's own training config, turned into a fine-tuning run on the recordings."""
     checkpoint = load_checkpoint(model)
@@ -108,7 +103,7 @@ def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
              "", "| preset | DER before | DER after | change |" + (" DER control |" if control else ""),
              "|---|---:|---:|---:|" + ("---:|" if control else "")]
     for row in rows:
-        marker = " (adapted)" if row["preset"] == preset_name(args.preset) else ""
+        marker = " (adapted)" if row["preset"] == Path(args.preset).stem else ""
         lines.append(f"| {row['preset']}{marker} | {100 * row['before']:.1f} | {100 * row['after']:.1f} | "
                      f"{100 * (row['after'] - row['before']):+.1f} |"
                      + (f" {100 * row['control']:.1f} |" if control else ""))
@@ -134,7 +129,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
     work, presets = args.work, args.presets.split(",")
-    names = {preset: preset_name(preset) for preset in presets}
+    names = {preset: Path(preset).stem for preset in presets}  # as `nanodrz sweep` names preset rows
 
     simulate(args.preset, "train", args.recordings, 21, work / "recordings", args.bank)
     for preset in presets:
