@@ -5,7 +5,7 @@ import torch
 from nanodrz.annotation import Turn
 from nanodrz.decoding import DecodingOptions, Grammar, decode
 from nanodrz.errors import NanodrzError
-from nanodrz.model import DiarizationModel, ModelConfig
+from nanodrz.model import DiarizationModel, KVCache, ModelConfig
 from nanodrz.tokenizer import Tokenizer, TokenizerConfig
 
 SR = 16000
@@ -163,6 +163,29 @@ def test_batched_decode_equals_one_by_one():
     for i in range(2):
         alone = decode(model, audio[i:i + 1], prompts[i:i + 1], DecodingOptions(max_triples=5))[0]
         assert alone.tokens == batched[i].tokens
+
+
+def test_beam_reranking_copies_only_the_slots_beams_do_not_share():
+    """Beams of one input share what was cached before the fork, so re-ranking copies only the slots
+    written since: the cache ends up as if every row had been copied whole."""
+    generator = torch.Generator().manual_seed(0)
+    cache = KVCache(n_layers=2, batch=2, n_heads=1, head_dim=2, capacity=8, device=torch.device("cpu"),
+                    dtype=torch.float32)
+
+    def write(slots: slice) -> None:
+        for cached in cache.keys + cache.values:
+            cached[:, :, slots] = torch.randn(cached[:, :, slots].shape, generator=generator)
+
+    write(cache.append(3, valid=torch.tensor([[True, True, True], [True, True, False]])))
+    cache.fork(3)
+    for rows in ([0, 0, 2, 5, 3, 3], [1, 2, 2, 4, 4, 3], [2, 0, 1, 3, 5, 4]):
+        write(cache.append(1))
+        rows = torch.tensor(rows)
+        whole = [cached[rows] for cached in cache.keys + cache.values]
+        bias = cache.bias[rows]
+        cache.rerank(rows)
+        assert all(torch.equal(a, b) for a, b in zip(cache.keys + cache.values, whole))
+        assert torch.equal(cache.bias, bias)
 
 
 def test_decode_rejects_audio_longer_than_the_model():

@@ -226,7 +226,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     beams = options.beam_size if options.strategy == "beam" else 1
     if beams > 1:
         rows = torch.arange(len(audio), device=device).repeat_interleave(beams)
-        generation.reorder(rows)
+        generation.fork(beams)
         logits, pos = logits[rows], pos[rows]
     grammar = Grammar(
         tokenizer=tok,
@@ -251,7 +251,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
         grammar.constrain(logits)
         if beams > 1:
             rows, chosen, scores = rerank_beams(scores, logits, beams)
-            generation.reorder(rows)
+            generation.rerank(rows)
             grammar.reorder(rows)
             logits, generated, probabilities, lengths = logits[rows], generated[rows], probabilities[rows], lengths[rows]
         else:

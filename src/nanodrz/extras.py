@@ -66,6 +66,11 @@ class SpanVoices:
         return SpanVoices(self.model, self.voices[rows], self.frame_seconds, self.recent[rows],
                           self.letter_sums[rows], self.letter_counts[rows])
 
+    def rerank(self, rows: torch.Tensor) -> SpanVoices:
+        """`select` for rows that stay within their input's beams, which share `voices`."""
+        return SpanVoices(self.model, self.voices, self.frame_seconds, self.recent[rows],
+                          self.letter_sums[rows], self.letter_counts[rows])
+
     def advance(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(B, N, d) inputs added to `tokens` (B, N), of which `lengths` are real, and (B, N, K) biases of
         the letter logits at each position (None without voice similarity); both None when no token ends

@@ -154,11 +154,22 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.bias = torch.full((batch, 1, 1, capacity), -torch.inf, device=device, dtype=dtype)
         self.length = 0
+        self.shared = 0  # slots [0, shared) hold the same in every beam of an input (`fork`)
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
+    def fork(self, beams: int) -> None:
+        """Give every row `beams` consecutive copies, one per beam; what is cached so far stays shared."""
+        rows = torch.arange(self.bias.shape[0], device=self.bias.device).repeat_interleave(beams)
         self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
         self.bias = self.bias[rows]
+        self.shared = self.length
+
+    def rerank(self, rows: torch.Tensor) -> None:
+        """Make row r continue old row `rows[r]`, a beam of the same input. Beams differ only in the slots
+        written since `fork` (the bias of those is 0 in every row), so only they are copied: copying whole
+        caches cost more than the step itself."""
+        written = slice(self.shared, self.length)
+        for cached in self.keys + self.values:
+            cached[:, :, written] = cached[rows, :, written]
 
     def append(self, count: int, valid: torch.Tensor | None = None) -> slice:
         """Claim the next `count` slots, of which `valid` (B, count) hold real positions (all of them when
@@ -186,6 +197,10 @@ class TokenContext:
         return TokenContext(self.table, None if self.spans is None else self.spans.select(rows),
                             None if self.pointer is None else self.pointer.select(rows))
 
+    def rerank(self, rows: torch.Tensor) -> TokenContext:
+        """`select` for rows that stay within their input's beams: what the audio fixes is the same there."""
+        return TokenContext(self.table, None if self.spans is None else self.spans.rerank(rows), self.pointer)
+
 
 @dataclass
 class Generation:
@@ -199,10 +214,16 @@ class Generation:
     rope: tuple[torch.Tensor, torch.Tensor]
     speaker_counts: torch.Tensor | None
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Make row r a copy of old row `rows[r]` (beam search re-ranking, or one row per beam)."""
-        self.cache.reorder(rows)
+    def fork(self, beams: int) -> None:
+        """One row per beam: every row repeated `beams` times, consecutively."""
+        rows = torch.arange(len(self.cache.bias), device=self.cache.bias.device).repeat_interleave(beams)
+        self.cache.fork(beams)
         self.context = self.context.select(rows)
+
+    def rerank(self, rows: torch.Tensor) -> None:
+        """Make row r continue old row `rows[r]`, a beam of the same input (beam search re-ranking)."""
+        self.cache.rerank(rows)
+        self.context = self.context.rerank(rows)
 
 
 class Attention(nn.Module):
