@@ -9,6 +9,7 @@ from nanodrz.annotation import Turn
 from nanodrz.errors import NanodrzError
 from nanodrz.params import AbsorbParams, MergeParams, PipelineParams, RefineParams, SplitParams
 from nanodrz.postprocess.absorb import absorb_small_labels
+from nanodrz.postprocess.count import fit_speaker_count, most_divided_label
 from nanodrz.postprocess.merge import merge_labels
 from nanodrz.postprocess.refine import best_voice_path, reassign_single_speaker_stretches, refine_labels, split_labels
 from nanodrz.postprocess.resegment import FrameCounts
@@ -35,8 +36,7 @@ def test_pairs_at_or_above_the_threshold_merge_into_one_label():
     assert merge_labels(CENTROIDS, threshold=0.99) == {label: label for label in CENTROIDS}
 
 
-def test_min_speakers_stops_merging_and_max_speakers_forces_it():
-    assert merge_labels(CENTROIDS, threshold=0.9, min_speakers=4) == {label: label for label in CENTROIDS}
+def test_max_speakers_forces_merging():
     # Off by similarity, but at most 2: A+B first (cosine 0.95), then C joins them (closer than D).
     owner = merge_labels(CENTROIDS, threshold=None, max_speakers=2)
     assert owner == {"A": "A", "B": "A", "C": "A", "D": "D"}
@@ -154,14 +154,27 @@ def test_refinement_merges_labels_whose_voices_match():
                                                                ("alice", 5.95, 9.0)]
 
 
-def test_refinement_keeps_the_number_of_speakers_asked_for():
-    # C is written over voice 0 only, so re-labelling gives all of it to A ...
-    track = two_voice_track([(0.0, 0), (3.0, 1), (6.0, 0)], 9.0)
-    turns = [Turn(0.0, 3.0, "A"), Turn(3.0, 6.0, "B"), Turn(6.0, 9.0, "C")]
-    assert {t.speaker for t in refine_labels(turns, [1.0] * 3, V(track), REFINE, MERGE)[0]} == {"A", "B"}
-    # ... unless three speakers were asked for.
-    kept, _ = refine_labels(turns, [1.0] * 3, V(track), REFINE, MERGE, min_speakers=3)
-    assert {t.speaker for t in kept} == {"A", "B", "C"}
+def test_a_speaker_count_asked_for_splits_the_most_divided_label_or_merges_the_closest_voices():
+    # "A" holds two voices at cosine 0.85 (too close for the automatic split at 0.7); "B" holds one.
+    first, second = unit(1, 0, 0, 0), unit(0.85, float(np.sqrt(1 - 0.85 ** 2)), 0, 0)
+    track = np.zeros((int(15.0 * FRAME_RATE), 4), dtype=np.float32)
+    track[:int(4.5 * FRAME_RATE)], track[int(4.5 * FRAME_RATE):int(9 * FRAME_RATE)] = first, second
+    track[int(9 * FRAME_RATE):] = unit(0, 0, 1, 0)
+    turns, scores = [Turn(0.0, 9.0, "A"), Turn(9.0, 15.0, "B")], [0.5, 0.5]
+    assert most_divided_label(turns, V(track), REFINE) == "A"
+    split, split_scores = fit_speaker_count(turns, scores, V(track), MERGE, REFINE, min_speakers=3)
+    assert len({t.speaker for t in split}) == 3 and len(split_scores) == len(split)
+    assert [t for t in split if t.speaker == "B"] == turns[1:]
+    change = [t.end for t in split if t.start == 0.0][0]
+    assert change == pytest.approx(4.5, abs=0.05)
+    # Too many: the two closest voices become one label, the third stays.
+    merged, _ = fit_speaker_count(split, split_scores, V(track), MERGE, REFINE, max_speakers=2)
+    assert [t.speaker for t in merged if t.start < 9.0] == ["A"] * len([t for t in merged if t.start < 9.0])
+    assert {t.speaker for t in merged} == {"A", "B"}
+    # Met already, or not reachable (no label with enough voice blocks): unchanged.
+    assert fit_speaker_count(turns, scores, V(track), MERGE, REFINE, 2, 2) == (turns, scores)
+    assert fit_speaker_count(turns, scores, V(track), MERGE, REFINE, min_speakers=3,
+                             named=frozenset({"A"}))[0] == turns
 
 
 def test_a_label_holding_two_clearly_different_voices_is_split():
@@ -170,10 +183,9 @@ def test_a_label_holding_two_clearly_different_voices_is_split():
     split, scores = split_labels([Turn(0.0, 7.5, "A")], [0.5], V(track), REFINE, 0.7)
     assert [(t.speaker, t.start, t.end) for t in split] == [("A", 0.0, 4.5), ("~1", 4.5, 6.0), ("~1", 6.0, 7.5)]
     assert scores == [0.5, 0.5, 0.5]
-    # Not when a side is too short, when at most one speaker is asked for, or for an enrolled name.
+    # Not when a side is too short, or for an enrolled name.
     short = two_voice_track([(0.0, 0), (6.0, 1)], 7.0)
     assert split_labels([Turn(0.0, 7.0, "A")], [0.5], V(short), REFINE, 0.7)[0] == [Turn(0.0, 7.0, "A")]
-    assert split_labels([Turn(0.0, 7.0, "A")], [0.5], V(track), REFINE, 0.7, max_speakers=1)[0] == [Turn(0.0, 7.0, "A")]
     named = split_labels([Turn(0.0, 7.0, "alice")], [0.5], V(track), REFINE, 0.7, named=frozenset({"alice"}))[0]
     assert named == [Turn(0.0, 7.0, "alice")]
 
@@ -192,7 +204,6 @@ def test_the_dominant_label_is_split_whatever_its_voices_cosine_when_asked():
     assert len(split) == 3 and len(scores) == 3 and split[2] == turns[1]
     assert len({split[0].speaker, split[1].speaker, "B"}) == 3
     assert (split[0].start, split[1].end) == (0.0, 9.0) and split[0].end == pytest.approx(4.5, abs=0.05)
-    assert split_dominant_label(turns, [0.5, 0.5], V(track), REFINE, max_speakers=2)[0] == turns
     assert split_dominant_label(turns, [0.5, 0.5], V(track), REFINE, named=frozenset({"A"}))[0] == turns
     assert split_dominant_label([], [], V(track), REFINE) == ([], [])
 
@@ -220,10 +231,9 @@ def overlap_counts(seconds: float) -> FrameCounts:
     return FrameCounts(counts, FRAME_RATE)
 
 
-def heard_as_two(turns: list[Turn], track: np.ndarray, counts: FrameCounts | None,
-                 max_speakers: int | None = None) -> bool:
+def heard_as_two(turns: list[Turn], track: np.ndarray, counts: FrameCounts | None) -> bool:
     """`one_voice_heard_as_two` under the default parameters (overlap threshold 0.8)."""
-    return one_voice_heard_as_two(turns, V(track), counts, 0.8, SplitParams(), REFINE, max_speakers)
+    return one_voice_heard_as_two(turns, V(track), counts, 0.8, SplitParams(), REFINE)
 
 
 @pytest.mark.parametrize("cosine, overlap_seconds, expected", [
@@ -241,12 +251,11 @@ def test_a_dominant_label_holds_two_voices_by_voice_or_by_heard_overlap(cosine, 
     assert heard is expected
 
 
-def test_no_dominant_split_below_the_share_or_for_one_speaker_or_a_short_second_voice():
+def test_no_dominant_split_below_the_share_or_for_a_short_second_voice():
     track, counts = voices_at_cosine(0.8), overlap_counts(1.0)
     half = [Turn(0.0, 10.0, "A"), Turn(10.0, 20.0, "B")]
     assert not heard_as_two(half, track, counts)
     whole = [Turn(0.0, 20.0, "A")]
-    assert not heard_as_two(whole, track, counts, max_speakers=1)
     short = voices_at_cosine(0.8)
     short[:int(18 * FRAME_RATE)] = unit(1, 0, 0, 0)  # the second voice for the last 2 s only
     assert not heard_as_two(whole, short, None)
@@ -261,7 +270,6 @@ def test_a_label_with_little_speech_joins_the_closest_voice():
     turns = [Turn(0.0, 5.0, "A"), Turn(5.0, 10.0, "B"), Turn(10.0, 11.0, "C")]
     assert absorb_small_labels(turns, V(track), AbsorbParams(1.5)) == turns[:2] + [Turn(10.0, 11.0, "B")]
     assert absorb_small_labels(turns, V(track), AbsorbParams(0.5)) == turns
-    assert absorb_small_labels(turns, V(track), AbsorbParams(1.5), min_speakers=3) == turns
     named = [Turn(0.0, 5.0, "A"), Turn(5.0, 10.0, "B"), Turn(10.0, 11.0, "carol")]
     assert absorb_small_labels(named, V(track), AbsorbParams(1.5), named=frozenset({"carol"})) == named
     # Two small labels: the smaller goes first, and never into a label that has already gone.

@@ -6,6 +6,7 @@ again. In order:
 - `merge`: labels whose voices match are merged;
 - `refine`: single-speaker stretches re-labelled by voice, labels holding two voices split;
 - `split`: the one label that carries almost all speech split in two, on evidence of a second voice;
+- `count`: the speaker counts a user gave, met by merging or splitting labels;
 - `absorb`: labels with too little speech join the closest voice;
 - `resegment`: turns cut and added by the overlap head's and segmentation-3.0's frame-level counts;
 - `stitch`: same-speaker turns joined, artefacts dropped, labels renamed in order of first turn.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from nanodrz.annotation import Turn
 from nanodrz.params import DiarizationSettings, PipelineParams
 from nanodrz.postprocess.absorb import absorb_small_labels
+from nanodrz.postprocess.count import fit_speaker_count
 from nanodrz.postprocess.merge import merge_by_voice
 from nanodrz.postprocess.refine import refine_labels
 from nanodrz.postprocess.resegment import FrameCounts, remove_silence, resegment
@@ -45,16 +47,17 @@ class ChunkOutputs:
         if self.loudest_dbfs < params.resegment.silence_dbfs:  # digital silence: nobody speaks
             return [], []
         turns, scores = list(self.turns), list(self.scores)
-        low, high, named = settings.min_speakers, settings.max_speakers, self.named
-        counts = self.counts
+        named, counts = self.named, self.counts
         if self.voices is not None:
             voices = self.voices
-            turns = merge_by_voice(turns, voices, params.merge, low, high, named)
-            turns, scores = refine_labels(turns, scores, voices, params.refine, params.merge, low, high, named)
+            turns = merge_by_voice(turns, voices, params.merge, named=named)
+            turns, scores = refine_labels(turns, scores, voices, params.refine, params.merge, named=named)
             if one_voice_heard_as_two(turns, voices, counts, params.resegment.overlap_threshold, params.split,
-                                      params.refine, high):
-                turns, scores = split_dominant_label(turns, scores, voices, params.refine, high, named)
-            turns = absorb_small_labels(turns, voices, params.absorb, low, named)
+                                      params.refine):
+                turns, scores = split_dominant_label(turns, scores, voices, params.refine, named=named)
+            turns = absorb_small_labels(turns, voices, params.absorb, named=named)
+            turns, scores = fit_speaker_count(turns, scores, voices, params.merge, params.refine,
+                                              settings.min_speakers, settings.max_speakers, named)
         if counts is not None:
             turns, scores = resegment(turns, scores, counts.probabilities, counts.frame_rate, params.resegment)
         gate = params.resegment.nonspeech_threshold

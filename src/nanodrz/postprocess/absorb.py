@@ -9,18 +9,18 @@ from nanodrz.params import AbsorbParams
 from nanodrz.postprocess.voices import Voices, mean_voices, speech_seconds, turn_frames
 
 
-def absorb_small_labels(turns: Sequence[Turn], voices: Voices, params: AbsorbParams, min_speakers: int = 0,
+def absorb_small_labels(turns: Sequence[Turn], voices: Voices, params: AbsorbParams,
                         named: frozenset[str] = frozenset()) -> list[Turn]:
     """`turns` with every unnamed label of less than `params.min_label_seconds` of speech relabelled as
     the label whose voice is most similar (voices over all of a label's turns, so a label heard only in
-    overlap still has one), smallest first, while more than `min_speakers` labels are left."""
+    overlap still has one), smallest first, while more than one label is left."""
     speech = speech_seconds(turns)
     label_voices = {label: vector for label, (vector, _) in mean_voices(voices, turn_frames(turns, voices)).items()}
     owner = {label: label for label in speech}
     for label in sorted(speech, key=speech.get):
         alive = {owner[other] for other in speech}
         if (speech[label] >= params.min_label_seconds or label in named or label not in label_voices
-                or len(alive) <= max(min_speakers, 1)):
+                or len(alive) <= 1):
             continue
         others = [other for other in sorted(alive) if other != label and other in label_voices]
         if others:

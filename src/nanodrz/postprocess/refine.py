@@ -24,22 +24,17 @@ Block = tuple[int, float, float, np.ndarray, int]
 
 
 def refine_labels(turns: Sequence[Turn], scores: Sequence[float], voices: Voices, params: RefineParams,
-                  merge: MergeParams, min_speakers: int = 0, max_speakers: int | None = None,
-                  named: frozenset[str] = frozenset()) -> tuple[list[Turn], list[float]]:
+                  merge: MergeParams, named: frozenset[str] = frozenset()) -> tuple[list[Turn], list[float]]:
     """`params.passes` rounds of: split labels that hold two voices, re-label single-speaker stretches by
     voice, merging labels whose voices match (`merge`) after each step."""
     turns, scores = list(turns), list(scores)
     for index in range(params.passes):
         if index > 0:
-            turns, scores = split_labels(turns, scores, voices, params, params.split_threshold,
-                                         max_speakers=max_speakers, named=named)
+            turns, scores = split_labels(turns, scores, voices, params, params.split_threshold, named=named)
             # A split-off voice that is another label's joins it before any frame moves.
-            turns = merge_by_voice(turns, voices, merge, min_speakers, max_speakers, named)
-        reassigned = reassign_single_speaker_stretches(turns, scores, voices, params.switch_penalty)
-        # A label can lose all its speech to other voices; never below the speakers asked for.
-        if len({t.speaker for t in reassigned[0]}) >= min(min_speakers, len({t.speaker for t in turns})):
-            turns, scores = reassigned
-        turns = merge_by_voice(turns, voices, merge, min_speakers, max_speakers, named)
+            turns = merge_by_voice(turns, voices, merge, named=named)
+        turns, scores = reassign_single_speaker_stretches(turns, scores, voices, params.switch_penalty)
+        turns = merge_by_voice(turns, voices, merge, named=named)
     return turns, scores
 
 
@@ -179,20 +174,18 @@ def two_means(vectors: np.ndarray, weights: np.ndarray, iterations: int = 10) ->
 
 
 def split_labels(turns: Sequence[Turn], scores: Sequence[float], voices: Voices, params: RefineParams,
-                 threshold: float, max_speakers: int | None = None, named: frozenset[str] = frozenset()
+                 threshold: float, named: frozenset[str] = frozenset()
                  ) -> tuple[list[Turn], list[float]]:
     """Each unnamed label's single-speaker blocks split into two groups by 2-means on their voices; where
     the groups' voices have a cosine below `threshold` and each holds at least
-    `params.min_split_seconds`, the smaller group gets a new label (while fewer than `max_speakers`
-    labels exist)."""
+    `params.min_split_seconds`, the smaller group gets a new label."""
     pieces = elementary_pieces(turns, scores)
     labels = sorted({t.speaker for t in turns})
     blocks = voice_blocks(pieces, voices, params)
     moved: dict[int, list[tuple[float, float, str]]] = {}
     count = len(labels)
     for label in labels:
-        if (label in named or len(blocks.get(label, ())) < params.min_blocks
-                or (max_speakers is not None and count >= max_speakers)):
+        if label in named or len(blocks.get(label, ())) < params.min_blocks:
             continue
         side, similarity, seconds = two_voices(blocks[label], voices.frame_rate)
         if similarity >= threshold or min(seconds) < params.min_split_seconds:

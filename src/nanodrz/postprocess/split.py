@@ -37,13 +37,9 @@ def dominant_label_voices(turns: Sequence[Turn], voices: Voices, refine: RefineP
 
 
 def one_voice_heard_as_two(turns: Sequence[Turn], voices: Voices, counts: FrameCounts | None,
-                           overlap_threshold: float | None, params: SplitParams, refine: RefineParams,
-                           max_speakers: int | None) -> bool:
-    """The dominant label carries at least `params.dominant_share` of the written speech (and more than
-    one speaker is allowed), and either its voice groups are clearly different, or the overlap head's
+                           overlap_threshold: float | None, params: SplitParams, refine: RefineParams) -> bool:
+    """The dominant label carries at least `params.dominant_share` of the written speech, and either its voice groups are clearly different, or the overlap head's
     `counts` are sure of enough overlap and the groups are not near copies (`SplitParams`)."""
-    if max_speakers == 1:
-        return False
     found = dominant_label_voices(turns, voices, refine)
     if found is None or found[1] < params.dominant_share:
         return False
@@ -57,8 +53,7 @@ def one_voice_heard_as_two(turns: Sequence[Turn], voices: Voices, counts: FrameC
 
 
 def split_dominant_label(turns: Sequence[Turn], scores: Sequence[float], voices: Voices, refine: RefineParams,
-                         max_speakers: int | None = None, named: frozenset[str] = frozenset()
-                         ) -> tuple[list[Turn], list[float]]:
+                         named: frozenset[str] = frozenset()) -> tuple[list[Turn], list[float]]:
     """Two voices for the label with the most speech: its blocks are split by 2-means whatever the cosine
     of the two groups, then single-speaker stretches are re-labelled by voice. No merge follows, since two
     real voices can be as close as the merge threshold. Enrolled (`named`) labels are never split."""
@@ -67,6 +62,5 @@ def split_dominant_label(turns: Sequence[Turn], scores: Sequence[float], voices:
         return list(turns), list(scores)
     dominant = max(speech, key=speech.get)
     others = frozenset(speech) - {dominant}
-    turns, scores = split_labels(turns, scores, voices, refine, threshold=np.inf, max_speakers=max_speakers,
-                                 named=named | others)
+    turns, scores = split_labels(turns, scores, voices, refine, threshold=np.inf, named=named | others)
     return reassign_single_speaker_stretches(turns, scores, voices, refine.switch_penalty)
