@@ -177,7 +177,7 @@ def test_beam_reranking_copies_only_the_slots_beams_do_not_share():
             cached[:, :, slots] = torch.randn(cached[:, :, slots].shape, generator=generator)
 
     write(cache.append(3, valid=torch.tensor([[True, True, True], [True, True, False]])))
-    cache.fork(3)
+    cache.fork(torch.arange(2).repeat_interleave(3))
     for rows in ([0, 0, 2, 5, 3, 3], [1, 2, 2, 4, 4, 3], [2, 0, 1, 3, 5, 4]):
         write(cache.append(1))
         rows = torch.tensor(rows)

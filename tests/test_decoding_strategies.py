@@ -21,8 +21,8 @@ class ScriptedGeneration:
         self.history = [[] for _ in range(rows)]
         self.speaker_counts = None  # no overlap head
 
-    def fork(self, beams: int) -> None:
-        self.history = [list(h) for h in self.history for _ in range(beams)]
+    def fork(self, rows: torch.Tensor) -> None:
+        self.history = [list(self.history[r]) for r in rows.tolist()]
 
     def rerank(self, rows: torch.Tensor) -> None:
         self.history = [list(self.history[r]) for r in rows.tolist()]

@@ -226,7 +226,7 @@ def decode(model: DiarizationModel, audio: Sequence[np.ndarray], prompts: Sequen
     beams = options.beam_size if options.strategy == "beam" else 1
     if beams > 1:
         rows = torch.arange(len(audio), device=device).repeat_interleave(beams)
-        generation.fork(beams)
+        generation.fork(rows)
         logits, pos = logits[rows], pos[rows]
     grammar = Grammar(
         tokenizer=tok,

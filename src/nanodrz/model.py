@@ -156,9 +156,9 @@ class KVCache:
         self.length = 0
         self.shared = 0  # slots [0, shared) hold the same in every beam of an input (`fork`)
 
-    def fork(self, beams: int) -> None:
-        """Give every row `beams` consecutive copies, one per beam; what is cached so far stays shared."""
-        rows = torch.arange(self.bias.shape[0], device=self.bias.device).repeat_interleave(beams)
+    def fork(self, rows: torch.Tensor) -> None:
+        """One row per beam, `rows` naming each one's input (`decode`'s beams); what is cached so far stays
+        shared by the beams of an input."""
         self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
         self.bias = self.bias[rows]
         self.shared = self.length
@@ -214,10 +214,9 @@ class Generation:
     rope: tuple[torch.Tensor, torch.Tensor]
     speaker_counts: torch.Tensor | None
 
-    def fork(self, beams: int) -> None:
-        """One row per beam: every row repeated `beams` times, consecutively."""
-        rows = torch.arange(len(self.cache.bias), device=self.cache.bias.device).repeat_interleave(beams)
-        self.cache.fork(beams)
+    def fork(self, rows: torch.Tensor) -> None:
+        """One row per beam, `rows` naming each one's input."""
+        self.cache.fork(rows)
         self.context = self.context.select(rows)
 
     def rerank(self, rows: torch.Tensor) -> None:

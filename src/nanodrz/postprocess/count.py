@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import numpy as np
-
 from nanodrz.annotation import Turn
 from nanodrz.params import MergeParams, RefineParams
 from nanodrz.postprocess.merge import merge_by_voice
-from nanodrz.postprocess.refine import reassign_single_speaker_stretches, split_labels, two_voices, voice_blocks
+from nanodrz.postprocess.refine import reassign_single_speaker_stretches, two_voices, voice_blocks
+from nanodrz.postprocess.split import split_label
 from nanodrz.postprocess.voices import Voices, elementary_pieces
 
 
@@ -37,8 +36,7 @@ def fit_speaker_count(turns: Sequence[Turn], scores: Sequence[float], voices: Vo
         label = most_divided_label(turns, voices, refine, named)
         if label is None:
             break
-        split, split_scores = split_labels(turns, scores, voices, forced, threshold=np.inf,
-                                           named=named | (labels - {label}))
+        split, split_scores = split_label(turns, scores, voices, forced, label, named)
         if len({t.speaker for t in split}) <= len(labels):
             break
         relabelled = reassign_single_speaker_stretches(split, split_scores, voices, refine.switch_penalty)

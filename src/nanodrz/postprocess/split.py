@@ -38,8 +38,8 @@ def dominant_label_voices(turns: Sequence[Turn], voices: Voices, refine: RefineP
 
 def one_voice_heard_as_two(turns: Sequence[Turn], voices: Voices, counts: FrameCounts | None,
                            overlap_threshold: float | None, params: SplitParams, refine: RefineParams) -> bool:
-    """The dominant label carries at least `params.dominant_share` of the written speech, and either its voice groups are clearly different, or the overlap head's
-    `counts` are sure of enough overlap and the groups are not near copies (`SplitParams`)."""
+    """The dominant label carries at least `params.dominant_share` of the written speech, and either its
+    voice groups are clearly different, or the overlap head's `counts` are sure of enough overlap and the groups are not near copies (`SplitParams`)."""
     found = dominant_label_voices(turns, voices, refine)
     if found is None or found[1] < params.dominant_share:
         return False
@@ -60,7 +60,13 @@ def split_dominant_label(turns: Sequence[Turn], scores: Sequence[float], voices:
     speech = speech_seconds(turns)
     if not speech:
         return list(turns), list(scores)
-    dominant = max(speech, key=speech.get)
-    others = frozenset(speech) - {dominant}
-    turns, scores = split_labels(turns, scores, voices, refine, threshold=np.inf, named=named | others)
+    turns, scores = split_label(turns, scores, voices, refine, max(speech, key=speech.get), named)
     return reassign_single_speaker_stretches(turns, scores, voices, refine.switch_penalty)
+
+
+def split_label(turns: Sequence[Turn], scores: Sequence[float], voices: Voices, refine: RefineParams, label: str,
+                named: frozenset[str] = frozenset()) -> tuple[list[Turn], list[float]]:
+    """`label`'s blocks split in two by 2-means whatever the cosine of the groups (`split_labels` on that
+    label alone), unless it is enrolled or has too few blocks."""
+    others = frozenset(t.speaker for t in turns) - {label}
+    return split_labels(turns, scores, voices, refine, threshold=np.inf, named=named | others)
