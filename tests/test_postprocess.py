@@ -14,7 +14,7 @@ from nanodrz.postprocess.merge import merge_labels
 from nanodrz.postprocess.refine import best_voice_path, reassign_single_speaker_stretches, refine_labels, split_labels
 from nanodrz.postprocess.resegment import FrameCounts
 from nanodrz.postprocess.split import dominant_label_voices, one_voice_heard_as_two, split_dominant_label
-from nanodrz.postprocess.stitch import rename_by_first_turn
+from nanodrz.postprocess.stitch import drop_short_islands, rename_by_first_turn
 from nanodrz.postprocess.voices import (Voices, VoiceTrack, elementary_pieces, mean_voices, solo_interior_frames,
                                         speech_seconds)
 
@@ -74,6 +74,16 @@ def test_labels_are_renamed_by_first_turn_and_names_kept():
     renamed = rename_by_first_turn(turns, frozenset({"alice"}))
     assert [t.speaker for t in renamed] == ["B", "A", "alice", "A"]
     assert [t.speaker for t in rename_by_first_turn([Turn(0, 1, "E")], frozenset({"A"}))] == ["B"]
+
+
+def test_short_islands_of_speech_are_dropped_and_runs_of_turns_kept():
+    turns = [Turn(0.0, 0.3, "A"), Turn(0.2, 0.5, "B"),  # island of 0.5 s: dropped
+             Turn(5.0, 5.3, "A"), Turn(5.8, 6.2, "B"),  # two short turns 0.5 s apart: one island of 0.7 s
+             Turn(9.0, 9.4, "A")]  # alone: dropped
+    kept, scores = drop_short_islands(turns, [1, 2, 3, 4, 5], min_seconds=0.6, gap_seconds=2.0)
+    assert kept == turns[2:4] and scores == [3, 4]
+    assert drop_short_islands(turns, [1, 2, 3, 4, 5], min_seconds=0.0, gap_seconds=2.0)[0] == turns
+    assert drop_short_islands(turns, [1, 2, 3, 4, 5], min_seconds=0.6, gap_seconds=3.0)[0] == turns[2:]
 
 
 def test_parameters_are_checked_where_they_are_declared():

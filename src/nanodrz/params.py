@@ -168,6 +168,9 @@ class ResegmentParams:
     nonspeech_threshold: segmentation-3.0's no-speech probability that cuts written turns; the network runs
         in the model's front end (`campplus_segmentation`) or, for other models, alone (None: off).
     min_gap_seconds, min_speech_seconds, min_overlap_seconds: the shortest stretch each step acts on.
+    min_island_seconds, island_gap_seconds: an island of written speech (turns of any speaker less than
+        `island_gap_seconds` apart) with less speech than `min_island_seconds` is dropped: on music the
+        model leaves isolated blips, most often at chunk edges (0 keeps every island).
     silence_dbfs: a recording whose loudest sample is below this is digital silence: nobody speaks.
     """
 
@@ -177,6 +180,8 @@ class ResegmentParams:
     min_gap_seconds: float = searched(0.1, 0.0, 0.5)
     min_speech_seconds: float = searched(0.1, 0.0, 0.5)
     min_overlap_seconds: float = searched(0.12, 0.0, 0.5)
+    min_island_seconds: float = searched(0.6, 0.0, 2.0)
+    island_gap_seconds: float = searched(2.0, 0.5, 5.0)
     silence_dbfs: float = -60.0
 
     def __post_init__(self):

@@ -9,7 +9,8 @@ again. In order:
 - `count`: the speaker counts a user gave, met by merging or splitting labels;
 - `absorb`: labels with too little speech join the closest voice;
 - `resegment`: turns cut and added by the overlap head's and segmentation-3.0's frame-level counts;
-- `stitch`: same-speaker turns joined, artefacts dropped, labels renamed in order of first turn.
+- `stitch`: same-speaker turns joined, artefacts and lone blips of sound dropped, labels renamed in order
+  of first turn.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from nanodrz.postprocess.merge import merge_by_voice
 from nanodrz.postprocess.refine import refine_labels
 from nanodrz.postprocess.resegment import FrameCounts, remove_silence, resegment
 from nanodrz.postprocess.split import one_voice_heard_as_two, split_dominant_label
-from nanodrz.postprocess.stitch import drop_shorter_than, rename_by_first_turn, stitch
+from nanodrz.postprocess.stitch import drop_short_islands, drop_shorter_than, rename_by_first_turn, stitch
 from nanodrz.postprocess.voices import Voices
 
 
@@ -66,4 +67,6 @@ class ChunkOutputs:
                                            self.segmentation.frame_rate, gate, params.resegment.min_gap_seconds)
         turns, scores = stitch(turns, scores, 2 * self.time_resolution)
         turns, scores = drop_shorter_than(turns, scores, 2 * self.time_resolution)
+        turns, scores = drop_short_islands(turns, scores, params.resegment.min_island_seconds,
+                                           params.resegment.island_gap_seconds)
         return rename_by_first_turn(turns, named), scores
