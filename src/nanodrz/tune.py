@@ -13,9 +13,9 @@ The model's current parameters are the first trial, so the result reproduces or 
 `params.yaml` (the chosen parameters: `nanodrz diarize --params`, or into the model with `--store`),
 `study.md` (current against chosen per set; each rule switched off alone from the chosen parameters, so
 every rule that stays shows its gain; the best trials) and `trials.csv`. A rule whose absence costs nothing
-on validation (no higher mean DER, and no more speech written on any quiet set) is retired: switched off in the chosen
-parameters, so the pipeline keeps only the rules the model needs. Sets are folders of WAV files
-with RTTM references beside them, as `nanodrz simulate` writes them (`benchmarks/validation_sets.sh`);
+on validation (no higher mean DER, and no more speech written on any quiet set) is retired: switched off
+in the chosen parameters, so the pipeline keeps only the rules the model needs. Sets are folders of WAV
+files with RTTM references beside them, as `nanodrz simulate` writes them (`benchmarks/validation_sets.sh`);
 they must hold validation speakers only, never test speakers.
 """
 
@@ -48,7 +48,7 @@ from nanodrz.params import DiarizationSettings, PipelineParams, search_space
 from nanodrz.pipeline import SHIPPED_MODEL, Diarizer
 from nanodrz.postprocess import ChunkOutputs
 from nanodrz.postprocess.resegment import FrameCounts
-from nanodrz.postprocess.voices import Voices
+from nanodrz.postprocess.voices import Voices, written_seconds
 
 # Each rule of `postprocess`, switched off: the ablation rows of the study report.
 RULES_OFF = {
@@ -174,17 +174,6 @@ def load_chunk_outputs(path: Path) -> ChunkOutputs:
         return ChunkOutputs(tuple(Turn(*turn) for turn in meta["turns"]), tuple(data["scores"].tolist()), voices,
                             counts, segmentation, frozenset(meta["named"]), meta["time_resolution"],
                             meta["loudest_dbfs"])
-
-
-def written_seconds(turns: list[Turn]) -> float:
-    """Seconds in which at least one speaker is written."""
-    total, end = 0.0, float("-inf")
-    for turn in sorted(turns, key=lambda t: t.start):
-        start = max(turn.start, end)
-        if turn.end > start:
-            total += turn.end - start
-        end = max(end, turn.end)
-    return total
 
 
 def evaluate(found: dict[str, list[Recording]], params: PipelineParams, quiet_sets: set[str]) -> Scores:

@@ -39,7 +39,8 @@ def dominant_label_voices(turns: Sequence[Turn], voices: Voices, refine: RefineP
 def one_voice_heard_as_two(turns: Sequence[Turn], voices: Voices, counts: FrameCounts | None,
                            overlap_threshold: float | None, params: SplitParams, refine: RefineParams) -> bool:
     """The dominant label carries at least `params.dominant_share` of the written speech, and either its
-    voice groups are clearly different, or the overlap head's `counts` are sure of enough overlap and the groups are not near copies (`SplitParams`)."""
+    voice groups are clearly different, or the overlap head's `counts` are sure of enough overlap and the
+    groups are not near copies (`SplitParams`)."""
     found = dominant_label_voices(turns, voices, refine)
     if found is None or found[1] < params.dominant_share:
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from nanodrz.annotation import Turn
+from nanodrz.postprocess.voices import written_seconds
 from nanodrz.tokenizer import letter
 
 
@@ -38,22 +39,17 @@ def drop_shorter_than(turns: Sequence[Turn], scores: Sequence[float], seconds: f
 def drop_short_islands(turns: Sequence[Turn], scores: Sequence[float], min_seconds: float, gap_seconds: float
                        ) -> tuple[list[Turn], list[float]]:
     """Turns less than `gap_seconds` apart form an island; an island with less than `min_seconds` of
-    speech (overlap counted once) is dropped whole. Speech in a conversation comes in runs; a lone blip
-    with silence all around is most often a sound the model took for a voice (music, a click)."""
-    order = sorted(range(len(turns)), key=lambda i: (turns[i].start, turns[i].end))
-    kept: list[int] = []
-    island: list[int] = []
-    speech, covered_to = 0.0, float("-inf")
-    for i in order + [None]:
-        if i is not None and (not island or turns[i].start - covered_to < gap_seconds):
-            speech += max(0.0, turns[i].end - max(turns[i].start, covered_to))
-            covered_to = max(covered_to, turns[i].end)
-            island.append(i)
-            continue
-        if speech >= min_seconds - 1e-9:
-            kept.extend(island)
-        if i is not None:
-            island, speech, covered_to = [i], turns[i].end - turns[i].start, turns[i].end
+    written speech is dropped whole. Speech in a conversation comes in runs; a lone blip with silence all
+    around is most often a sound the model took for a voice (music, a click)."""
+    islands: list[list[int]] = []
+    covered_to = float("-inf")
+    for i in sorted(range(len(turns)), key=lambda i: (turns[i].start, turns[i].end)):
+        if not islands or turns[i].start - covered_to >= gap_seconds:
+            islands.append([])
+        islands[-1].append(i)
+        covered_to = max(covered_to, turns[i].end)
+    kept = [i for island in islands if written_seconds([turns[i] for i in island]) >= min_seconds - 1e-9
+            for i in island]
     kept.sort(key=lambda i: (turns[i].start, turns[i].end, turns[i].speaker))
     return [turns[i] for i in kept], [scores[i] for i in kept]
 

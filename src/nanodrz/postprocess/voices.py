@@ -136,6 +136,17 @@ def solo_stretches(turns: Sequence[Turn]) -> list[tuple[str, float, float]]:
     return stretches
 
 
+def written_seconds(turns: Sequence[Turn]) -> float:
+    """Seconds in which at least one speaker is written."""
+    total, end = 0.0, float("-inf")
+    for turn in sorted(turns, key=lambda t: t.start):
+        start = max(turn.start, end)
+        if turn.end > start:
+            total += turn.end - start
+        end = max(end, turn.end)
+    return total
+
+
 def speech_seconds(turns: Sequence[Turn]) -> dict[str, float]:
     """label -> total length of its turns."""
     speech: dict[str, float] = {}
