@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Validation-speaker sets for choosing post-processing settings and checkpoints (never test speakers):
-# the six presets (12 files each), one-speaker recordings (8 clean, 8 noisy) and recordings with no speech
+# the six presets (12 files each), one-speaker recordings (8 clean, 8 noisy), recorded voices (12 conversations,
+# 8 one-speaker recordings) and recordings with no speech
 # at all (8 each of noise, music, tones: the sweep's noise group on the validation split).
 #   bash benchmarks/validation_sets.sh [BANK] [OUT]      (default: data/bank, data/validation_sets)
 set -euo pipefail
@@ -15,6 +16,10 @@ for preset in clean noisy; do
   [ -d "$OUT/mono-$preset" ] || simulate --preset "$preset" --num 8 --seed 12 --set num_speakers=1 --set duration=30 \
     --out "$OUT/mono-$preset"
 done
+# recorded voices (KLettres readers): choices made on TTS voices alone did not carry over to recorded ones
+[ -d "$OUT/recorded-clean" ] || simulate --preset clean --num 12 --seed 14 --voices recorded --out "$OUT/recorded-clean"
+[ -d "$OUT/mono-recorded" ] || simulate --preset clean --num 8 --seed 15 --voices recorded --set num_speakers=1 \
+  --set duration=30 --out "$OUT/mono-recorded"
 NO_SPEECH=(--set nonspeech.no_speech_probability=1 --set nonspeech.sounds=1 --set nonspeech.gap_probability=0
            --set nonspeech.level_db=[-10,0] --set duration=20)
 [ -d "$OUT/noise" ] || simulate --preset clean --num 8 --seed 13 "${NO_SPEECH[@]}" --set "nonspeech.types={noise: 1}" --out "$OUT/noise"

@@ -14,7 +14,7 @@ SYSTEM_PACKAGES=(
   rhvoice-albanian rhvoice-esperanto rhvoice-kyrgyz rhvoice-macedonian rhvoice-tatar
   libttspico-utils flite
   festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
-  fillets-ng-data-cs fillets-ng-data-nl
+  fillets-ng-data-cs fillets-ng-data-nl klettres-data
   asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav
   asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav
   asterisk-prompt-es-co asterisk-prompt-fr-armelle asterisk-prompt-it-menardi-wav

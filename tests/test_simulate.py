@@ -267,6 +267,7 @@ def test_cli_output_is_deterministic(tiny_bank: Path, tmp_path: Path, capsys: py
     (["--set", "num_speakers=5"], "hold 3"),
     (["--split", "dev"], "unknown split"),
     (["--num", "0"], "at least 1"),
+    (["--voices", "recorded"], "no recorded speakers in split(s) test"),
 ])
 def test_cli_rejects_bad_input(tiny_bank: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                argv: list[str], message: str) -> None:
@@ -314,3 +315,13 @@ def test_curriculum_switches_presets_by_global_index(tiny_bank: Path) -> None:
         Curriculum([CurriculumStage(start=0), CurriculumStage(start=0)])
     with pytest.raises(ConfigError, match="at least one weight"):
         CurriculumStage(presets={"clean": 0.0})
+
+
+def test_voices_filter_keeps_one_kind_and_can_leave_out_perturbed_copies(tiny_bank: Path) -> None:
+    everyone = Bank(tiny_bank, "train")
+    assert any(info.speaker.endswith("-pseudo") for info in everyone.speakers)
+    as_recorded = Bank(tiny_bank, "train", kind="synthetic", perturbed=False)
+    assert [info.speaker for info in as_recorded.speakers] == [
+        info.speaker for info in everyone.speakers if not info.speaker.endswith("-pseudo")]
+    with pytest.raises(NanodrzError, match="no tts speakers"):
+        Bank(tiny_bank, "train", kind="tts")

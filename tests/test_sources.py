@@ -1,6 +1,7 @@
 """Speech sources: text cleaning, file-name rules, corpus layouts, and the installed engines."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from nanodrz.errors import NanodrzError
 from nanodrz.sources import builtin_sources, text
 from nanodrz.sources.corpus import Corpus
 from nanodrz.sources.fillets import FishFillets, speaker_code
+from nanodrz.sources.klettres import KLettres, trim_to_sound
 
 
 def test_fortunes_become_plain_sentences():
@@ -76,6 +78,28 @@ def test_packaged_recordings_hold_speech():
                 audio, rate = source.load(utterance)
                 audio = resample(audio, rate)[:30 * 16000]
                 assert (segmenter(audio).speech > 0.5).mean() > 0.5, utterance.path
+
+
+def test_a_letter_is_cut_from_the_room_hiss_around_it():
+    rng = np.random.default_rng(0)
+    hiss = lambda seconds: 0.003 * rng.standard_normal(int(seconds * 16000))  # noqa: E731 (-50 dBFS)
+    letter = 0.3 * np.sin(2 * np.pi * 200 * np.arange(int(0.4 * 16000)) / 16000)
+    trimmed = trim_to_sound(np.concatenate([hiss(1.0), letter, hiss(1.2)]).astype(np.float32))
+    assert 0.4 <= len(trimmed) / 16000 <= 0.4 + 2 * 0.1 + 0.04
+
+
+@pytest.mark.skipif(not KLettres().available(), reason="klettres-data not installed")
+def test_klettres_utterances_are_one_readers_letters_in_a_row():
+    source = KLettres()
+    speakers = source.speakers()
+    assert len(speakers) >= 15 and not any(speaker.held_out for speaker in speakers)
+    utterances = source.utterances(speakers[0], limit=2, seed=0)
+    assert len(utterances) == 2 and len(utterances[0].then) == 7
+    assert all(Path(path).parent.parent.name == Path(utterances[0].path).parent.parent.name
+               for path in utterances[0].then)
+    assert utterances == source.utterances(speakers[0], limit=2, seed=0)
+    audio, rate = source.load(utterances[0])
+    assert rate == 16000 and 2.0 < len(audio) / rate < 20.0
 
 
 def _write_wav(path, seconds=1.0):

@@ -47,6 +47,25 @@ def test_the_decoded_sets_replay_and_survive_the_cache(tmp_path):
     assert scores.worst_false_alarm == scores.per_set["noise"] >= 0.0
 
 
+def test_a_set_simulated_again_is_decoded_again_not_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(nanodrz.tune, "expensive_stage_key", lambda diarizer: "tones")  # no torch weights
+    diarizer = tone_diarizer()
+    calls = []
+    decode = diarizer.chunk_outputs_many
+    monkeypatch.setattr(diarizer, "chunk_outputs_many",
+                        lambda items, **kw: calls.append(len(items)) or decode(items, **kw))
+    folders = sets(tmp_path)
+    first = decode_sets(diarizer, folders, batch_size=2, cache=tmp_path / "cache")
+    again = decode_sets(diarizer, folders, batch_size=2, cache=tmp_path / "cache")
+    assert calls == [1, 2, 0, 0]
+    assert [r.outputs.finish(PipelineParams(), DiarizationSettings()) for r in again["tones"]] == \
+        [r.outputs.finish(PipelineParams(), DiarizationSettings()) for r in first["tones"]]
+    speech = [Turn(start, end, "AB"[voice]) for start, end, voice in REFERENCE[:1]]
+    write_set(tmp_path / "tones", "b", tone_audio(REFERENCE[:1], 6.0), speech)  # same name, new audio
+    decode_sets(diarizer, folders, batch_size=2, cache=tmp_path / "cache")
+    assert calls[4:] == [0, 1]
+
+
 def test_the_first_trial_is_the_current_parameters_so_tuning_never_loses(tmp_path):
     found = decode_sets(tone_diarizer(), sets(tmp_path), batch_size=2, cache=None)
     base = PipelineParams().with_values({"merge.threshold": 0.95, "refine.passes": 1})

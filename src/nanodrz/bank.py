@@ -159,7 +159,10 @@ class Bank:
     perturbation applied, and regions come back in the perturbed time axis.
     """
 
-    def __init__(self, root: str | Path, splits: tuple[str, ...] | str = "train"):
+    def __init__(self, root: str | Path, splits: tuple[str, ...] | str = "train", kind: str | None = None,
+                 perturbed: bool = True):
+        """`kind` ("tts" or "recorded") keeps only such voices; `perturbed=False` leaves out the
+        pitch- and tempo-shifted copies, e.g. for a validation set of voices as they were recorded."""
         self.root = Path(root).expanduser()
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
         for split in splits:
@@ -197,14 +200,16 @@ class Bank:
                 region_count.append(len(utterance["regions"]))
                 regions.extend(utterance["regions"])
             for info in infos:
-                if info.split not in splits:
+                if (info.split not in splits or (kind is not None and info.kind != kind)
+                        or (not perturbed and info.base not in ("", info.speaker))):
                     continue
                 owned = base_utterances.get(info.base or info.speaker, [])
                 if owned:
                     self.speakers.append(info)
                     utterances_by_speaker.append(owned)
         if not self.speakers:
-            raise NanodrzError(f"the speech bank at {self.root} has no speakers in split(s) {', '.join(splits)}")
+            voices = f"{kind} speakers" if kind is not None else "speakers"
+            raise NanodrzError(f"the speech bank at {self.root} has no {voices} in split(s) {', '.join(splits)}")
         self._shard_of = np.asarray(shard_of, dtype=np.int32)
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._lengths = np.asarray(lengths, dtype=np.int64)

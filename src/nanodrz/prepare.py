@@ -151,7 +151,8 @@ def build_shard(bank_root: Path, source: Source, limit: int | None, seed: int, j
     writer = ShardWriter(bank_root, shard, source.name)
     infos = {}
     for speaker in speakers:
-        infos[speaker.name] = SpeakerInfo(speaker=speaker.name, split=assign_split(speaker.name, speaker.held_out),
+        split = assign_split(speaker.name, speaker.held_out, source.validation_fraction, source.test_fraction)
+        infos[speaker.name] = SpeakerInfo(speaker=speaker.name, split=split,
                                           source=source.name, base=speaker.name, kind=source.kind,
                                           language=speaker.language)
         writer.add_speaker(infos[speaker.name])

@@ -325,6 +325,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: 0)")
     parser.add_argument("--bank", type=Path, default=None, help="speech bank folder (default: <cache>/bank)")
     parser.add_argument("--split", default="test", help="bank split to draw speakers from (default: test)")
+    parser.add_argument("--voices", choices=("all", "tts", "recorded"), default="all",
+                        help="draw only synthetic voices, or only recorded ones as recorded (no pitch- or "
+                             "tempo-shifted copies) (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a knob, e.g. --set num_speakers=[2,4] (repeatable)")
 
@@ -338,7 +341,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NanodrzError(f"--out {out}: exists and is not a folder")
-    bank = Bank(args.bank if args.bank is not None else default_bank_dir(), args.split)
+    bank = Bank(args.bank if args.bank is not None else default_bank_dir(), args.split,
+                kind=None if args.voices == "all" else args.voices, perturbed=args.voices != "recorded")
     check_bank(bank, config)
     stem = Path(args.preset).stem
     entries = []
@@ -356,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
         "overrides": list(args.overrides),
         "seed": args.seed,
         "split": args.split,
+        "voices": args.voices,
         "bank": str(bank.root),
         "config": to_dict(config),
         "conversations": entries,

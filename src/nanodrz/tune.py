@@ -96,8 +96,9 @@ def read_sets(folder: Path) -> list[Path]:
 def decode_sets(diarizer: Diarizer, sets: list[Path], batch_size: int, cache: Path | None
                 ) -> dict[str, list[Recording]]:
     """The expensive stage, once per recording of every set; with `cache`, kept there (one `.npz` per
-    recording under a key of the model file and the parameters of that stage) and read back on the next
-    run instead of decoding again."""
+    recording, named by a hash of its audio file, under a key of the model file and the parameters of
+    that stage) and read back on the next run instead of decoding again. A set simulated again under
+    the same name is decoded again."""
     folder_key = None
     if cache is not None:
         folder_key = cache / expensive_stage_key(diarizer)
@@ -105,7 +106,8 @@ def decode_sets(diarizer: Diarizer, sets: list[Path], batch_size: int, cache: Pa
     found: dict[str, list[Recording]] = {}
     for folder in tqdm(sets, desc="decode", unit="set", file=sys.stderr):
         wavs = sorted(folder.glob("*.wav"))
-        cached = {wav: folder_key / folder.name / f"{wav.stem}.npz" for wav in wavs} if folder_key else {}
+        cached = ({wav: folder_key / folder.name / f"{wav.stem}-{file_digest(wav)}.npz" for wav in wavs}
+                  if folder_key else {})
         todo = [wav for wav in wavs if not (wav in cached and cached[wav].is_file())]
         decoded = dict(zip(todo, (outputs for _, outputs in diarizer.chunk_outputs_many(
             [(wav.stem, str(wav)) for wav in todo], batch_size=batch_size))))
@@ -120,6 +122,11 @@ def decode_sets(diarizer: Diarizer, sets: list[Path], batch_size: int, cache: Pa
             found.setdefault(folder.name, []).append(Recording(wav.stem, reference, outputs,
                                                                sf.info(str(wav)).duration))
     return found
+
+
+def file_digest(path: Path) -> str:
+    """A short hash of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def expensive_stage_key(diarizer: Diarizer) -> str:

@@ -37,13 +37,15 @@ class Speaker:
 
 @dataclass(frozen=True)
 class Utterance:
-    """What to render: a text for a TTS voice, or a recording's path."""
+    """What to render: a text for a TTS voice, or a recording's path (and, for sources of isolated
+    words, the recordings said after it in a row)."""
 
     id: str
     speaker: str
     voice: str = ""
     text: str = ""
     path: str = ""
+    then: tuple[str, ...] = ()
 
 
 class Source:
@@ -53,6 +55,8 @@ class Source:
     kind: ClassVar[str]  # "tts" or "recorded"
     requirement: ClassVar[str]  # what to install, shown when the source is not available
     default_limit: ClassVar[int | None]  # utterances per speaker when `--max-utterances-per-voice` is not given
+    validation_fraction: ClassVar[float] = 0.1  # share of voices (by hash) in the validation split
+    test_fraction: ClassVar[float] = 0.1  # share of voices (by hash) in the test split
 
     @property
     def shard(self) -> str:
@@ -169,10 +173,11 @@ def builtin_sources() -> dict[str, Source]:
     from nanodrz.sources.festival import Festival
     from nanodrz.sources.fillets import FishFillets
     from nanodrz.sources.flite import Flite
+    from nanodrz.sources.klettres import KLettres
     from nanodrz.sources.pico import Pico
     from nanodrz.sources.pocketsphinx import PocketsphinxTestdata
     from nanodrz.sources.rhvoice import RHVoice
 
-    sources = [Espeak(), Flite(), Pico(), Festival(), RHVoice(), FishFillets(), Asterisk(), Codec2Examples(),
-               PocketsphinxTestdata()]
+    sources = [Espeak(), Flite(), Pico(), Festival(), RHVoice(), FishFillets(), Asterisk(), KLettres(),
+               Codec2Examples(), PocketsphinxTestdata()]
     return {source.name: source for source in sources}

@@ -1,0 +1,81 @@
+"""KLettres: letters and syllables read by one person per language, 20 languages (Debian klettres-data).
+
+The only recorded speech in packages that no nanodrz model has been trained on and that is not held
+out, so half of its voices go to validation, where choices made on TTS voices alone did not carry
+over to recorded ones (MODEL_CARD.md), and the rest to train. None go to test, which already holds
+every held-out recording, so test sets stay the same files from one bank to the next. Isolated letters make poor turns, so an utterance is a few of one
+reader's recordings said in a row with short pauses, like someone spelling. Each language folder is
+one reader: CAM++ cosine between 6-letter stretches of a folder is 0.66 or more, and at most 0.78
+between folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nanodrz.audio import SAMPLE_RATE, load_audio
+from nanodrz.sources import Recordings, Speaker, Utterance, seeded_rng
+
+SOUNDS_DIR = Path("/usr/share/klettres")
+LETTERS_PER_UTTERANCE = 8
+PAUSE_SECONDS = 0.35
+TRIM_BELOW_PEAK_DB = 20.0  # a recording's lead-in and tail quieter than this below its loudest frame are cut
+TRIM_MARGIN_SECONDS = 0.1
+
+
+class KLettres(Recordings):
+    name = "klettres"
+    requirement = "klettres-data"
+    validation_fraction = 0.5
+    test_fraction = 0.0
+
+    def available(self) -> bool:
+        return any(SOUNDS_DIR.glob("*/*/*.ogg"))
+
+    def scan(self) -> dict[Speaker, list[Path]]:
+        files: dict[Speaker, list[Path]] = {}
+        for folder in sorted(p for p in SOUNDS_DIR.iterdir() if p.is_dir()) if SOUNDS_DIR.is_dir() else []:
+            recordings = sorted(folder.glob("*/*.ogg"))
+            if recordings:
+                language = folder.name.split("_")[0]
+                files[Speaker(f"klettres-{folder.name.lower().replace('_', '-')}", language)] = recordings
+        return files
+
+    def utterances(self, speaker: Speaker, limit: int | None, seed: int) -> list[Utterance]:
+        paths = self.catalog[speaker]
+        order = seeded_rng(seed, speaker.name).permutation(len(paths))
+        groups = [[str(paths[i]) for i in order[k:k + LETTERS_PER_UTTERANCE]]
+                  for k in range(0, len(order), LETTERS_PER_UTTERANCE)]
+        groups = groups if limit is None else groups[:limit]
+        return [Utterance(f"{speaker.name}-{k:03d}", speaker.name, path=group[0], then=tuple(group[1:]))
+                for k, group in enumerate(groups)]
+
+    def recipe(self) -> dict:
+        return {"letters": LETTERS_PER_UTTERANCE, "pause": PAUSE_SECONDS, "trim_db": TRIM_BELOW_PEAK_DB,
+                "margin": TRIM_MARGIN_SECONDS, "split": [self.validation_fraction, self.test_fraction]}
+
+    def load(self, utterance: Utterance) -> tuple[np.ndarray, int]:
+        pause = np.zeros(int(PAUSE_SECONDS * SAMPLE_RATE), dtype=np.float32)
+        pieces = []
+        for path in (utterance.path, *utterance.then):
+            pieces += [trim_to_sound(load_audio(path)), pause]
+        return np.concatenate(pieces[:-1]), SAMPLE_RATE
+
+
+def trim_to_sound(audio: np.ndarray, frame_seconds: float = 0.02) -> np.ndarray:
+    """The recording from its first to its last loud frame, with a margin.
+
+    Some readers' files hold a second or more of room hiss before and after the letter, loud enough
+    for the bank's voice activity detector to mark as speech.
+    """
+    frame = int(frame_seconds * SAMPLE_RATE)
+    count = len(audio) // frame
+    if count == 0:
+        return audio
+    energy = np.mean(audio[:count * frame].reshape(count, frame) ** 2, axis=1)
+    level_db = 10.0 * np.log10(energy + 1e-12)
+    loud = np.flatnonzero(level_db > level_db.max() - TRIM_BELOW_PEAK_DB)
+    margin = int(TRIM_MARGIN_SECONDS * SAMPLE_RATE)
+    return audio[max(0, loud[0] * frame - margin):min(len(audio), (loud[-1] + 1) * frame + margin)]
