@@ -94,9 +94,9 @@ def test_klettres_utterances_are_one_readers_letters_in_a_row():
     speakers = source.speakers()
     assert len(speakers) >= 15 and not any(speaker.held_out for speaker in speakers)
     utterances = source.utterances(speakers[0], limit=2, seed=0)
-    assert len(utterances) == 2 and len(utterances[0].then) == 7
+    assert len(utterances) == 2 and len(utterances[0].followed_by) == 7
     assert all(Path(path).parent.parent.name == Path(utterances[0].path).parent.parent.name
-               for path in utterances[0].then)
+               for path in utterances[0].followed_by)
     assert utterances == source.utterances(speakers[0], limit=2, seed=0)
     audio, rate = source.load(utterances[0])
     assert rate == 16000 and 2.0 < len(audio) / rate < 20.0

@@ -45,7 +45,7 @@ class Utterance:
     voice: str = ""
     text: str = ""
     path: str = ""
-    then: tuple[str, ...] = ()
+    followed_by: tuple[str, ...] = ()
 
 
 class Source:

@@ -51,16 +51,16 @@ class KLettres(Recordings):
         groups = [[str(paths[i]) for i in order[k:k + LETTERS_PER_UTTERANCE]]
                   for k in range(0, len(order), LETTERS_PER_UTTERANCE)]
         groups = groups if limit is None else groups[:limit]
-        return [Utterance(f"{speaker.name}-{k:03d}", speaker.name, path=group[0], then=tuple(group[1:]))
-                for k, group in enumerate(groups)]
+        return [Utterance(f"{speaker.name}-{k:03d}", speaker.name, path=group[0],
+                          followed_by=tuple(group[1:])) for k, group in enumerate(groups)]
 
     def recipe(self) -> dict:
         return {"letters": LETTERS_PER_UTTERANCE, "trim_db": TRIM_BELOW_PEAK_DB,
                 "margin": TRIM_MARGIN_SECONDS, "split": [self.validation_fraction, self.test_fraction]}
 
     def load(self, utterance: Utterance) -> tuple[np.ndarray, int]:
-        return np.concatenate([trim_to_sound(load_audio(path)) for path in (utterance.path, *utterance.then)]), \
-            SAMPLE_RATE
+        paths = (utterance.path, *utterance.followed_by)
+        return np.concatenate([trim_to_sound(load_audio(path)) for path in paths]), SAMPLE_RATE
 
 
 def trim_to_sound(audio: np.ndarray, frame_seconds: float = 0.02) -> np.ndarray:
