@@ -84,8 +84,9 @@ def test_a_letter_is_cut_from_the_room_hiss_around_it():
     rng = np.random.default_rng(0)
     hiss = lambda seconds: 0.003 * rng.standard_normal(int(seconds * 16000))  # noqa: E731 (-50 dBFS)
     letter = 0.3 * np.sin(2 * np.pi * 200 * np.arange(int(0.4 * 16000)) / 16000)
-    trimmed = trim_to_sound(np.concatenate([hiss(1.0), letter, hiss(1.2)]).astype(np.float32))
+    trimmed = trim_to_sound(np.concatenate([hiss(1.0), letter, hiss(1.2)]).astype(np.float32), 20.0, 0.15)
     assert 0.4 <= len(trimmed) / 16000 <= 0.4 + 2 * 0.15 + 0.04
+    assert len(trim_to_sound(letter.astype(np.float32), 20.0, 0.15)) == len(letter)  # nothing to cut
 
 
 @pytest.mark.skipif(not KLettres().available(), reason="klettres-data not installed")

@@ -22,9 +22,6 @@ from nanodrz.audio import SAMPLE_RATE, load_audio
 from nanodrz.sources import Recordings, Speaker, Utterance, seeded_rng
 
 SOUNDS_DIR = Path("/usr/share/klettres")
-LETTERS_PER_UTTERANCE = 8
-TRIM_BELOW_PEAK_DB = 20.0  # a recording's lead-in and tail quieter than this below its loudest frame are cut
-TRIM_MARGIN_SECONDS = 0.15
 
 
 class KLettres(Recordings):
@@ -32,6 +29,9 @@ class KLettres(Recordings):
     requirement = "klettres-data"
     validation_fraction = 0.5
     test_fraction = 0.0
+    letters_per_utterance = 8
+    trim_below_peak_db = 20.0  # a recording's lead-in and tail this far below its loudest frame are cut
+    trim_margin_seconds = 0.15  # room tone kept on each side of a letter
 
     def available(self) -> bool:
         return any(SOUNDS_DIR.glob("*/*/*.ogg"))
@@ -48,23 +48,26 @@ class KLettres(Recordings):
     def utterances(self, speaker: Speaker, limit: int | None, seed: int) -> list[Utterance]:
         paths = self.catalog[speaker]
         order = seeded_rng(seed, speaker.name).permutation(len(paths))
-        groups = [[str(paths[i]) for i in order[k:k + LETTERS_PER_UTTERANCE]]
-                  for k in range(0, len(order), LETTERS_PER_UTTERANCE)]
+        size = self.letters_per_utterance
+        groups = [[str(paths[i]) for i in order[k:k + size]] for k in range(0, len(order), size)]
         groups = groups if limit is None else groups[:limit]
         return [Utterance(f"{speaker.name}-{k:03d}", speaker.name, path=group[0],
                           followed_by=tuple(group[1:])) for k, group in enumerate(groups)]
 
     def recipe(self) -> dict:
-        return {"letters": LETTERS_PER_UTTERANCE, "trim_db": TRIM_BELOW_PEAK_DB,
-                "margin": TRIM_MARGIN_SECONDS, "split": [self.validation_fraction, self.test_fraction]}
+        return {"letters": self.letters_per_utterance, "trim_db": self.trim_below_peak_db,
+                "margin": self.trim_margin_seconds, "split": [self.validation_fraction, self.test_fraction]}
 
     def load(self, utterance: Utterance) -> tuple[np.ndarray, int]:
         paths = (utterance.path, *utterance.followed_by)
-        return np.concatenate([trim_to_sound(load_audio(path)) for path in paths]), SAMPLE_RATE
+        return np.concatenate([trim_to_sound(load_audio(path), self.trim_below_peak_db, self.trim_margin_seconds)
+                               for path in paths]), SAMPLE_RATE
 
 
-def trim_to_sound(audio: np.ndarray, frame_seconds: float = 0.02) -> np.ndarray:
-    """The recording from its first to its last loud frame, with a margin.
+def trim_to_sound(audio: np.ndarray, below_peak_db: float, margin_seconds: float,
+                  frame_seconds: float = 0.02) -> np.ndarray:
+    """The recording from its first to its last frame within `below_peak_db` of its loudest, with
+    `margin_seconds` kept on each side.
 
     Some readers' files hold a second or more of room hiss before and after the letter, loud enough
     for the bank's voice activity detector to mark as speech.
@@ -75,6 +78,6 @@ def trim_to_sound(audio: np.ndarray, frame_seconds: float = 0.02) -> np.ndarray:
         return audio
     energy = np.mean(audio[:count * frame].reshape(count, frame) ** 2, axis=1)
     level_db = 10.0 * np.log10(energy + 1e-12)
-    loud = np.flatnonzero(level_db > level_db.max() - TRIM_BELOW_PEAK_DB)
-    margin = int(TRIM_MARGIN_SECONDS * SAMPLE_RATE)
+    loud = np.flatnonzero(level_db > level_db.max() - below_peak_db)
+    margin = int(margin_seconds * SAMPLE_RATE)
     return audio[max(0, loud[0] * frame - margin):min(len(audio), (loud[-1] + 1) * frame + margin)]
