@@ -105,9 +105,10 @@ class PyannoteSettings:
         projection alone). They rank same- and different-speaker pairs alike on validation speakers (the ReLU
         only raises every cosine), and the ReLU output had the lowest mean DER.
     threshold: Euclidean distance between unit-length embeddings at which centroid-linkage merging stops
-        (cosine similarity 1 - threshold² / 2). 0.35 had the lowest mean DER on validation speakers (8
-        conversations each of presets clean, overlap, phone and noisy; `benchmarks/pyannote_threshold.py`,
-        benchmarks/results/pyannote_threshold.md); pyannote's 0.7046 was tuned for its own embedding model.
+        (cosine similarity 1 - threshold² / 2). 0.65 had the lowest mean DER over the speech sets of
+        `benchmarks/validation_sets.sh` that `nanodrz tune` uses too, recorded voices included
+        (`benchmarks/pyannote_threshold.py`, benchmarks/results/pyannote_threshold.md); pyannote's 0.7046
+        was tuned for its own embedding model.
     min_cluster_size: clusters with fewer (window, speaker) embeddings are folded into the nearest larger
         one (pyannote 3.1: 12, lowered to a tenth of the embeddings on short recordings).
     min_clean_seconds: a local speaker is embedded from its frames without overlap when it has at least
@@ -117,7 +118,7 @@ class PyannoteSettings:
 
     step_seconds: float = 1.0
     embedding_layer: str = "relu"
-    threshold: float = 0.35
+    threshold: float = 0.65
     min_cluster_size: int = 12
     min_clean_seconds: float = 0.2
 
