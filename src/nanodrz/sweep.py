@@ -241,16 +241,20 @@ def check_row_names(groups: list[tuple[dict, list[PlannedSet]]], extras: list[Te
                            "folder, or two --extra folders with the same name)")
 
 
-def systems_to_run(args: argparse.Namespace, baselines: list[str], diarizer: Diarizer) -> dict[str, System]:
-    """Ours first, then the baselines asked for (built only then: they load their own models)."""
+def systems_to_run(args: argparse.Namespace, baselines: list[str], diarizer: Diarizer
+                   ) -> tuple[dict[str, System], dict[str, dict]]:
+    """Ours first, then the baselines asked for (built only then: they load their own models), and each
+    baseline's recipe (what decides its answers besides the audio)."""
     systems = {OURS: nanodrz_system(diarizer, args.batch_size, DiarizationSettings())}
+    recipes = {}
     if baselines:
         from nanodrz import baseline
 
         classes = {"senko": baseline.SenkoBaseline, "pyannote": baseline.PyannoteBaseline}
         for name in baselines:
-            systems[name] = baseline_system(classes[name](device=args.device))
-    return systems
+            instance = classes[name](device=args.device)
+            systems[name], recipes[name] = baseline_system(instance), instance.recipe()
+    return systems, recipes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,11 +280,12 @@ def run(args: argparse.Namespace) -> int:
         raise NanodrzError(f"unknown baseline {unknown[0]!r} (choose from {', '.join(BASELINES)})")
     if args.reuse_baseline and not baselines:
         raise NanodrzError("--reuse-baseline needs --baseline")
-    earlier_runs = {name: earlier_baseline_runs(out, name) for name in baselines} if args.reuse_baseline else {}
     model_path = args.model if args.model is not None else SHIPPED_MODEL
     diarizer = Diarizer.from_pretrained(args.model, args.device)
     diarizer.params = diarizer.params.with_values(changes)
-    systems = systems_to_run(args, baselines, diarizer)
+    systems, recipes = systems_to_run(args, baselines, diarizer)
+    earlier_runs = ({name: earlier_baseline_runs(out, name, recipes[name]) for name in baselines}
+                    if args.reuse_baseline else {})
     sets = []
     for description, plans in groups:
         test_sets = [materialize(plan, out / "sets" / plan.group / plan.name, bank, args.seed) for plan in plans]
@@ -296,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         "pipeline": diarizer.params.to_dict(),
         "torch_threads": torch.get_num_threads(),
         "systems": list(systems),
+        "baseline_recipes": recipes,
         "bank": str(bank.root) if bank is not None else None,
         "split": args.split,
         "seed": args.seed,

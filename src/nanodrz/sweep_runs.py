@@ -95,9 +95,10 @@ def scored_result(relative: Path, uris: list[str], test_set: TestSet, out: Path,
     return SystemResult(report, elapsed, seconds, speakers, failed, str(relative), consistency)
 
 
-def earlier_baseline_runs(out: Path, system: str) -> dict[str, dict]:
+def earlier_baseline_runs(out: Path, system: str, recipe: dict) -> dict[str, dict]:
     """{set fingerprint: that set's row entry for `system`} from an earlier sweep in `out` (its
-    results.json), for the simulated sets whose hypotheses file is still there."""
+    results.json), for the simulated sets whose hypotheses file is still there; none when that sweep ran
+    the baseline with another recipe (e.g. another clustering threshold), whose answers may differ."""
     path = out / "results.json"
     if not path.is_file():
         raise NanodrzError(f"--reuse-baseline: no earlier results.json in {out}")
@@ -105,6 +106,10 @@ def earlier_baseline_runs(out: Path, system: str) -> dict[str, dict]:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise NanodrzError(f"--reuse-baseline: {path} is unreadable ({error})") from None
+    if earlier.get("baseline_recipes", {}).get(system) != recipe:
+        print(f"--reuse-baseline: the earlier {system} run in {out} used other settings; running it again",
+              file=sys.stderr)
+        return {}
     runs = {}
     for group in earlier.get("groups", []):
         for row in group.get("rows", []):
