@@ -201,7 +201,7 @@ class Bank:
                 regions.extend(utterance["regions"])
             for info in infos:
                 if (info.split not in splits or (kind is not None and info.kind != kind)
-                        or (not perturbed and info.base not in ("", info.speaker))):
+                        or (not perturbed and not info.perturbation.is_identity())):
                     continue
                 owned = base_utterances.get(info.base or info.speaker, [])
                 if owned:
